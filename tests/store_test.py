@@ -1,0 +1,271 @@
+"""Tests for vista_jax.store: quantization bounds, round trips, absence, atomic publishing."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from vista_jax.store import (
+    SummaryStore,
+    SummaryStoreError,
+    UserBlock,
+    dequantize_int8,
+    quantize_int8,
+)
+
+U, K, D = 150, 4, 8
+
+
+def _summaries(num_users=U, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Rows of very different magnitudes: one scale per token row must cope with all of them.
+    row_scale = 10.0 ** rng.uniform(-3, 2, size=(num_users, K, 1))
+    return (rng.standard_normal((num_users, K, D)) * row_scale).astype(np.float32)
+
+
+def _write(root, version="v1", summaries=None, context=None, **kwargs):
+    summaries = _summaries() if summaries is None else summaries
+    if "coverage" not in kwargs:
+        kwargs["coverage"] = np.arange(len(summaries), dtype=np.int64) * 3
+    kwargs.setdefault("config_hash", "cfg-a")
+    kwargs.setdefault("summarizer_step", 7)
+    return SummaryStore.write_version(
+        root, version=version, summaries=summaries, context=context, **kwargs
+    )
+
+
+@pytest.fixture
+def memory_root():
+    """A memory kvstore private to the test (memory stores live in their context)."""
+    return {"driver": "memory", "path": "cache/"}, ts.Context()
+
+
+def _assert_int8_bound(x, deq, scale):
+    # |x - deq| <= scale / 2 per element (rounding), with float32 slack.
+    assert np.all(np.abs(x - deq) <= scale[..., None] * (0.5 + 1e-5))
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def test_quantize_int8_error_bound_and_zero_rows():
+    x = _summaries()
+    x[3, 1] = 0.0
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (U, K)
+    deq = dequantize_int8(q, scale)
+    _assert_int8_bound(x, deq, scale)
+    assert np.all(deq[3, 1] == 0.0)
+    assert np.abs(q).max() == 127  # the largest element of each row uses the full range
+
+
+def test_quantize_int8_on_jax_arrays_matches_numpy():
+    x = _summaries(num_users=5)
+    q_np, s_np = quantize_int8(x)
+    q_jx, s_jx = quantize_int8(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(q_jx), q_np)
+    np.testing.assert_allclose(np.asarray(dequantize_int8(q_jx, s_jx)), dequantize_int8(q_np, s_np))
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_int8_round_trip_local_path(tmp_path):
+    x = _summaries()
+    manifest = _write(tmp_path / "store", summaries=x)
+    store = SummaryStore.open(tmp_path / "store", expected_config_hash="cfg-a")
+    assert (store.version, store.num_users, store.k, store.d) == ("v1", U, K, D)
+    assert manifest["summarizer_step"] == 7 and manifest["quantization"] == "int8"
+    ids = np.array([149, 0, 77, 77])
+    batch = store.read(ids)
+    assert batch.summaries.dtype == np.float32 and batch.present.all()
+    _assert_int8_bound(x[ids], batch.summaries, quantize_int8(x[ids])[1])
+    np.testing.assert_array_equal(batch.coverage, ids * 3)
+
+
+@pytest.mark.parametrize("quantization", ["bf16", "none"])
+def test_bf16_and_float_round_trip(memory_root, quantization):
+    root, context = memory_root
+    x = _summaries()
+    _write(root, summaries=x, quantization=quantization, context=context)
+    store = SummaryStore.open(root, context=context)
+    got = store.read(np.arange(U)).summaries
+    if quantization == "none":
+        np.testing.assert_array_equal(got, x)
+    else:  # bfloat16 keeps 8 significant bits: relative error <= 2^-8 after rounding
+        np.testing.assert_array_less(np.abs(got - x), np.abs(x) * 2.0**-8 + 1e-30)
+    assert store.manifest["arrays"]["summary"]["dtype"] == {"bf16": "bfloat16"}.get(
+        quantization, "float32"
+    )
+
+
+def test_absent_and_out_of_range_users_read_as_zeros(memory_root):
+    root, context = memory_root
+    written = np.array([1, 3, 5])
+    x = _summaries(num_users=3) + 1.0
+    state = np.ones((3, 2), np.float32)
+    _write(
+        root, summaries=x, user_ids=written, num_users=10, context=context,
+        extra_arrays={"state_l0": state},
+    )  # fmt: skip
+    store = SummaryStore.open(root, context=context)
+    batch = store.read(np.array([0, 1, 3, 9, 10, 10**9, 5]))
+    np.testing.assert_array_equal(batch.present, [False, True, True, False, False, False, True])
+    assert np.all(batch.summaries[~batch.present] == 0.0)
+    assert np.all(batch.coverage[~batch.present] == 0)
+    np.testing.assert_array_equal(batch.coverage[batch.present], [0, 3, 6])
+    np.testing.assert_array_equal(
+        store.read_extra("state_l0", np.array([0, 1, 10])), [[0, 0], [1, 1], [0, 0]]
+    )
+    with pytest.raises(ValueError, match="negative user id"):
+        store.read(np.array([2, -1]))
+    assert store.read(np.array([], np.int64)).summaries.shape == (0, K, D)
+
+
+def test_memory_url_and_plain_layout(memory_root):
+    _, context = memory_root
+    x = _summaries()
+    _write("memory://other/", summaries=x, layout="plain", quantization="none", context=context)
+    store = SummaryStore.open({"driver": "memory", "path": "other"}, context=context)
+    np.testing.assert_array_equal(store.read(np.array([42])).summaries[0], x[42])
+
+
+def test_extra_arrays_round_trip(memory_root):
+    root, context = memory_root
+    rng = np.random.default_rng(1)
+    extras = {
+        "state_l0": rng.standard_normal((U, 2, 3, 5)).astype(np.float32),
+        "count_l0": rng.integers(0, 1000, U).astype(np.int64),
+    }
+    manifest = _write(root, extra_arrays=extras, context=context)
+    assert manifest["extra_arrays"]["state_l0"] == {"shape": [U, 2, 3, 5], "dtype": "float32"}
+    store = SummaryStore.open(root, context=context)
+    assert set(store.extra_names) == set(extras)
+    ids = np.array([10, 0, 149, U + 5])
+    for name, values in extras.items():
+        got = store.read_extra(name, ids)
+        np.testing.assert_array_equal(got[:3], values[ids[:3]])
+        assert np.all(got[3] == 0)
+    with pytest.raises(SummaryStoreError, match="no extra array 'state_l9'"):
+        store.read_extra("state_l9", ids)
+
+
+def test_blockwise_write_matches_whole_array_write(memory_root):
+    root, context = memory_root
+    x = _summaries()
+    state = np.arange(U * 6, dtype=np.float32).reshape(U, 6)
+    # Blocks of 37 users (not chunk aligned), in shuffled order, ids within a block unsorted.
+    order = np.random.default_rng(2).permutation(U)
+
+    def blocks():
+        for start in range(0, U, 37):
+            ids = order[start : start + 37]
+            yield UserBlock(ids, x[ids], ids * 3, {"state_l0": state[ids]})
+
+    _write(root, summaries=blocks(), coverage=None, num_users=U, chunk_users=16, context=context)
+    store = SummaryStore.open(root, context=context)
+    batch = store.read(np.arange(U))
+    assert batch.present.all()
+    _assert_int8_bound(x, batch.summaries, quantize_int8(x)[1])
+    np.testing.assert_array_equal(batch.coverage, np.arange(U) * 3)
+    np.testing.assert_array_equal(store.read_extra("state_l0", np.arange(U)), state)
+
+
+def test_bad_blocks_are_refused(memory_root):
+    root, context = memory_root
+    bad = _summaries(num_users=4)
+    bad[2, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        _write(root, summaries=bad, context=context)
+    with pytest.raises(ValueError, match=r"user ids must lie in \[0, 4\)"):
+        _write(root, summaries=_summaries(3), user_ids=np.array([0, 1, 4]), num_users=4,
+               context=context)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_config_hash_mismatch_is_refused(memory_root):
+    root, context = memory_root
+    _write(root, context=context)
+    with pytest.raises(SummaryStoreError, match="config_hash 'cfg-a'.*expects 'cfg-b'"):
+        SummaryStore.open(root, expected_config_hash="cfg-b", context=context)
+
+
+def test_nothing_published_is_refused(memory_root):
+    root, context = memory_root
+    with pytest.raises(SummaryStoreError, match="no summary version is published"):
+        SummaryStore.open(root, context=context)
+
+
+def test_corrupt_or_missing_manifest_is_refused(memory_root):
+    root, context = memory_root
+    _write(root, context=context)
+    with pytest.raises(SummaryStoreError, match="'v9' .* is not published"):
+        SummaryStore.open(root, version="v9", context=context)
+    kvstore = ts.KvStore.open(root, context=context).result()
+    kvstore.write("versions/v1/manifest.json", b"{not json").result()
+    with pytest.raises(SummaryStoreError, match="manifest of version 'v1' .* is corrupt"):
+        SummaryStore.open(root, context=context)
+    kvstore.write("versions/v1/manifest.json", json.dumps({"version": "v1"}).encode()).result()
+    with pytest.raises(SummaryStoreError, match="corrupt or of another format"):
+        SummaryStore.open(root, context=context)
+
+
+def test_published_version_is_not_overwritten(memory_root):
+    root, context = memory_root
+    _write(root, context=context)
+    with pytest.raises(SummaryStoreError, match="'v1' is already published"):
+        _write(root, summaries=_summaries(seed=5), context=context)
+
+
+# --------------------------------------------------------------------------- atomic publishing
+
+
+def test_failed_write_leaves_old_version_current(tmp_path):
+    root = tmp_path / "store"
+    x1 = _summaries(seed=1)
+    _write(root, summaries=x1, quantization="none")
+
+    def failing_blocks():
+        yield UserBlock(np.arange(64), _summaries(seed=2)[:64], np.zeros(64, np.int64))
+        raise RuntimeError("summarizer crashed")
+
+    with pytest.raises(RuntimeError, match="summarizer crashed"):
+        _write(root, version="v2", summaries=failing_blocks(), coverage=None, num_users=U)
+    store = SummaryStore.open(root)
+    assert store.version == "v1"
+    np.testing.assert_array_equal(store.read(np.arange(U)).summaries, x1)
+    with pytest.raises(SummaryStoreError, match="'v2' .* is not published"):
+        SummaryStore.open(root, version="v2")
+    # A retry under the same id replaces the unpublished leftovers.
+    x2 = _summaries(seed=3)
+    _write(root, version="v2", summaries=x2, quantization="none")
+    np.testing.assert_array_equal(SummaryStore.open(root).read(np.arange(U)).summaries, x2)
+
+
+def test_new_version_becomes_current_only_when_published(memory_root):
+    root, context = memory_root
+    _write(root, context=context)
+    x2 = _summaries(seed=4)
+    seen_during_write = []
+
+    def blocks():
+        for start in range(0, U, 50):
+            # Mid-build, readers still get v1 and v2 has no manifest.
+            seen_during_write.append(SummaryStore.open(root, context=context).version)
+            ids = np.arange(start, min(start + 50, U))
+            yield UserBlock(ids, x2[ids], ids)
+
+    manifest = _write(
+        root, version="v2", summaries=blocks(), coverage=None, num_users=U, context=context
+    )
+    assert seen_during_write == ["v1"] * 3
+    assert SummaryStore.open(root, context=context).manifest == manifest
+    # Rolling back is pointing CURRENT at an older published version.
+    SummaryStore.set_current(root, "v1", context=context)
+    assert SummaryStore.open(root, context=context).version == "v1"
+    with pytest.raises(SummaryStoreError, match="not published"):
+        SummaryStore.set_current(root, "v3", context=context)

@@ -1,0 +1,140 @@
+"""Point-in-time examples from per-user sequence records (see docs/ARCHITECTURE.md).
+
+An example at request position t (events [0, t) happened before it) joins the newest
+*snapshot* s <= t: the summary covers only events [max(0, s - W), s), never the example's own
+label. The last R events before t (fresher than the snapshot) go to stage 2 raw. Snapshots sit
+at fixed positions per user, so the cache holds one row per (user, snapshot) and both the
+source model (which summarizes on the fly) and a cache-fed ranker see exactly the same inputs.
+
+Two tasks:
+  * `ranking`   (synthetic): one request per user after its whole history, C labelled
+                candidates; the snapshot covers the whole history.
+  * `retrieval` (HSTU leave-one-out protocol): request t predicts the item at t; training
+                requests are t in [1, n-3], validation n-2, test n-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vista_jax.data.eventlog import gap_buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+    task: str  # "ranking" or "retrieval"
+    history_window: int  # W: events a summary covers (bounded by the data, not the model).
+    num_recent: int  # R
+    snapshot_every: int = 0  # Retrieval: a snapshot every S events (0 = only at the end).
+    num_negatives: int = 128  # Retrieval training: uniform negatives per request.
+    num_items: int = 0
+    num_gap_buckets: int = 16
+
+
+def user_gaps(record, num_gap_buckets: int) -> np.ndarray:
+    time = np.asarray(record["time"])
+    return gap_buckets(time, np.array([0, len(time)]), num_gap_buckets).astype(np.int32)
+
+
+def snapshot_positions(n: int, spec: ExampleSpec) -> np.ndarray:
+    """Snapshot positions of a user with n events (ascending; a row of the cache each)."""
+    if spec.task == "ranking":
+        return np.array([n - spec.num_recent])
+    # Retrieval: every S events, and one at n-2 so validation/test join the freshest summary.
+    step = spec.snapshot_every or max(n, 1)
+    return np.unique(np.concatenate([np.arange(0, n - 1, step), [max(n - 2, 0)]]))
+
+
+def snapshot_for(t: int, positions: np.ndarray) -> int:
+    """Index of the newest snapshot at or before request position t."""
+    return int(np.searchsorted(positions, t, side="right") - 1)
+
+
+def _window(x, start, end, width, dtype=np.int32):
+    out = np.zeros((width,), dtype)
+    seg = np.asarray(x[max(start, end - width) : end])
+    out[: len(seg)] = seg
+    return out
+
+
+def history_arrays(record, gaps, s: int, spec: ExampleSpec) -> dict[str, np.ndarray]:
+    """The summarizer's input for the snapshot at s: events [max(0, s-W), s), left aligned."""
+    w = spec.history_window
+    start = max(0, s - w)
+    return {
+        "hist_item": _window(record["item"], start, s, w),
+        "hist_action": _window(record["action"], start, s, w),
+        "hist_gap": _window(gaps, start, s, w),
+        "hist_len": np.int32(s - start),
+    }
+
+
+def recent_arrays(record, gaps, t: int, spec: ExampleSpec) -> dict[str, np.ndarray]:
+    r = spec.num_recent
+    start = max(0, t - r)
+    return {
+        "recent_item": _window(record["item"], start, t, r),
+        "recent_action": _window(record["action"], start, t, r),
+        "recent_gap": _window(gaps, start, t, r),
+        "recent_len": np.int32(t - start),
+    }
+
+
+def ranking_example(record, spec: ExampleSpec, row: int) -> dict[str, np.ndarray]:
+    """Synthetic request after the history: snapshot at n - R, recent = the last R events."""
+    gaps = user_gaps(record, spec.num_gap_buckets)
+    n = len(record["item"])
+    s = n - spec.num_recent
+    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
+    ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, n, spec)
+    ex["cand_item"] = np.asarray(record["cand_item"], np.int32)
+    ex["cand_label"] = np.asarray(record["cand_label"], np.float32)
+    ex["cand_mask"] = np.ones_like(ex["cand_label"], bool)
+    if "cand_prob" in record:
+        ex["cand_prob"] = np.asarray(record["cand_prob"], np.float32)
+    return ex
+
+
+def retrieval_example(
+    record, spec: ExampleSpec, t: int, row_offset: int, rng: np.random.Generator | None
+) -> dict[str, np.ndarray]:
+    """Request at position t: predict item t. With an rng, add uniform negatives (training)."""
+    gaps = user_gaps(record, spec.num_gap_buckets)
+    positions = snapshot_positions(len(record["item"]), spec)
+    idx = snapshot_for(t, positions)
+    s = int(positions[idx])
+    target = np.int32(record["item"][t])
+    ex = {
+        "user": np.int32(record["user"]),
+        "row": np.int32(row_offset + idx),
+        "snapshot": np.int64(s),
+        "target_item": target,
+    }
+    ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, t, spec)
+    # Items seen in the protocol's history window (most recent W before t): excluded at eval.
+    ex["seen_item"] = _window(record["item"], max(0, t - spec.history_window), t,
+                              spec.history_window)
+    if rng is not None:
+        negatives = rng.integers(1, spec.num_items + 1, spec.num_negatives).astype(np.int32)
+        ex["cand_item"] = np.concatenate([[target], negatives]).astype(np.int32)
+        ex["cand_label"] = (ex["cand_item"] == target).astype(np.float32)
+        ex["cand_mask"] = np.concatenate([[True], negatives != target])
+    return ex
+
+
+def retrieval_requests(lengths: np.ndarray, split: str) -> np.ndarray:
+    """(user, t) pairs of a split under leave-one-out: train t in [1, n-3], valid n-2, test n-1."""
+    users = np.arange(len(lengths))
+    if split == "valid":
+        return np.stack([users, lengths - 2], 1)
+    if split == "test":
+        return np.stack([users, lengths - 1], 1)
+    pairs = [np.stack([np.full(max(n - 3, 0), u), np.arange(1, max(n - 2, 1))], 1)
+             for u, n in zip(users, lengths, strict=True)]
+    return np.concatenate(pairs).astype(np.int64)
+
+
+def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}

@@ -1,0 +1,127 @@
+"""Evaluation metrics in numpy (evaluation runs on host, in float64).
+
+Binary (CTR-style): `auc`, `log_loss`, `normalized_entropy`, `binary_metrics`.
+Retrieval (one target among N scored items): `rank_of_target`, `ranking_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+_EPS = 1e-7
+
+
+def _masked(mask, *arrays) -> list[np.ndarray]:
+    """Flattened float64 copies of `arrays`, keeping entries where `mask` is true."""
+    flat = [np.asarray(a, np.float64).reshape(-1) for a in arrays]
+    if mask is None:
+        return flat
+    keep = np.asarray(mask, bool).reshape(-1)
+    return [a[keep] for a in flat]
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks (so AUC counts a tie as 1/2)."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    # Start index of each run of equal values, and each element's run.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    run = np.cumsum(np.r_[True, sorted_values[1:] != sorted_values[:-1]]) - 1
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(values))
+    ranks[order] = mean_rank[run]
+    return ranks
+
+
+def auc(labels, scores, mask=None) -> float:
+    """Exact ROC AUC (Mann-Whitney U via ranks, ties count 1/2), O(n log n).
+
+    Labels are 0/1 (a label > 0.5 is positive). Returns nan when a class is missing.
+    """
+    labels, scores = _masked(mask, labels, scores)
+    if np.isnan(scores).any():
+        raise ValueError("auc: scores contain NaN")
+    positive = labels > 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = _average_ranks(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _binary_entropy(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    probs = np.clip(probs, _EPS, 1.0 - _EPS)
+    return -(labels * np.log(probs) + (1.0 - labels) * np.log1p(-probs))
+
+
+def log_loss(labels, probs, mask=None) -> float:
+    """Mean binary cross-entropy; probabilities clipped to [1e-7, 1 - 1e-7]."""
+    labels, probs = _masked(mask, labels, probs)
+    return float(_binary_entropy(labels, probs).mean()) if len(labels) else float("nan")
+
+
+def _base_entropy(labels: np.ndarray) -> float:
+    """Log loss of always predicting the base rate; nan when it is 0 or 1 (NE undefined)."""
+    base_rate = labels.mean() if len(labels) else np.nan
+    if not 0.0 < base_rate < 1.0:
+        return float("nan")
+    return float(_binary_entropy(labels, np.full_like(labels, base_rate)).mean())
+
+
+def normalized_entropy(labels, probs, mask=None) -> float:
+    """Log loss / entropy of the base rate: 1.0 for the base-rate predictor, lower is better."""
+    labels, probs = _masked(mask, labels, probs)
+    return log_loss(labels, probs) / _base_entropy(labels)
+
+
+def binary_metrics(labels, logits, mask=None) -> dict[str, float]:
+    """AUC, log loss, NE, base rate and count of a binary task scored by logits.
+
+    Log loss comes from the logits directly (log-sigmoid), so confident logits are not clipped.
+    """
+    labels, logits = _masked(mask, labels, logits)
+    # -log sigmoid(z) = softplus(-z); softplus(x) = logaddexp(0, x) is stable for large |x|.
+    losses = labels * np.logaddexp(0.0, -logits) + (1.0 - labels) * np.logaddexp(0.0, logits)
+    logloss = float(losses.mean()) if len(labels) else float("nan")
+    return {
+        "auc": auc(labels, logits),
+        "logloss": logloss,
+        "ne": logloss / _base_entropy(labels),
+        "base_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "count": int(len(labels)),
+    }
+
+
+def rank_of_target(scores, target, exclude_mask=None) -> np.ndarray:
+    """0-based rank of each row's target column among its scored items, [B, N] -> [B] int64.
+
+    Excluded items (e.g. padding column 0, already-seen items) never outrank the target; the
+    target's own exclusion bit is ignored. Ties are pessimistic: every other item scoring
+    exactly the target's score counts as above it.
+    """
+    scores = np.asarray(scores)
+    target = np.asarray(target, np.int64)
+    rows = np.arange(len(scores))
+    target_score = scores[rows, target]
+    if np.isnan(target_score).any():
+        raise ValueError("rank_of_target: a target has a NaN score")
+    above = scores >= target_score[:, None]  # NaN scores compare False: they never outrank
+    above[rows, target] = False
+    if exclude_mask is not None:
+        above &= ~np.asarray(exclude_mask, bool)
+    return above.sum(axis=1).astype(np.int64)
+
+
+def ranking_metrics(target_ranks, ks: Sequence[int] = (10, 50, 200)) -> dict[str, float]:
+    """HR@K, NDCG@K (one relevant item: 1/log2(rank+2) inside the top K) and MRR."""
+    ranks = np.asarray(target_ranks, np.float64).reshape(-1)
+    metrics = {}
+    for k in ks:
+        hit = ranks < k
+        metrics[f"hr@{k}"] = float(hit.mean())
+        metrics[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+    metrics["mrr"] = float((1.0 / (ranks + 1.0)).mean())
+    return metrics
