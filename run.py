@@ -1,6 +1,6 @@
 """Entry point: parse flags and a config file, then run the pipeline (vista_jax.pipeline).
 
-  python run.py --config=experiments/synthetic/config.py --workdir=/tmp/vista --mode=all
+python run.py --config=experiments/synthetic/config.py --workdir=/tmp/vista --mode=all
 """
 
 from absl import app, flags, logging

@@ -17,63 +17,74 @@ import ml_collections
 
 @dataclasses.dataclass(frozen=True)
 class SummarizerConfig:
-  """Stage 1: learned seeds summarize the whole history."""
+    """Stage 1: learned seeds summarize the whole history."""
 
-  num_items: int  # Dense item ids are 1..num_items; 0 is padding.
-  num_actions: int = 8
-  num_gap_buckets: int = 16
-  d_model: int = 32
-  num_heads: int = 2
-  num_layers: int = 2
-  num_seeds: int = 16
-  sglu_hidden: int = 64
-  attention: str = "qla"  # "qla" (linear, chunked/recurrent capable) or "softmax" (baseline).
-  chunk_size: int = 256  # Events per scan step of the chunked form.
-  recon_window: int = 64  # Events the reconstruction decoder reads (bounded at any length).
-  recon_weight: float = 1.0
+    num_items: int  # Dense item ids are 1..num_items; 0 is padding.
+    num_actions: int = 8
+    num_gap_buckets: int = 16
+    num_categories: int = 0  # Dense category ids 1..num_categories; 0 = unknown.
+    d_model: int = 32
+    num_heads: int = 2
+    num_layers: int = 2
+    num_seeds: int = 16
+    sglu_hidden: int = 64
+    attention: str = "qla"  # "qla" (linear, chunked/recurrent capable) or "softmax" (baseline).
+    chunk_size: int = 256  # Events per scan step of the chunked form.
+    recon_window: int = 64  # Events the reconstruction decoder reads (bounded at any length).
+    recon_weight: float = 1.0
 
-  def __post_init__(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
-    if self.attention not in ("qla", "softmax"):
-      raise ValueError(f"attention must be 'qla' or 'softmax', got {self.attention!r}")
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.attention not in ("qla", "softmax"):
+            raise ValueError(f"attention must be 'qla' or 'softmax', got {self.attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RankerConfig:
-  """Stage 2: candidates attend to [summary tokens; last R events]."""
+    """Stage 2: candidates attend to [summary tokens; last R events]."""
 
-  num_items: int
-  num_actions: int = 8
-  num_gap_buckets: int = 16
-  d_model: int = 32
-  num_heads: int = 2
-  num_layers: int = 2
-  mlp_hidden: int = 64
-  num_recent: int = 32
-  summary_dim: int = 32  # Width of the summary tokens it reads; 0 = no summaries (recent only).
+    num_items: int
+    num_actions: int = 8
+    num_gap_buckets: int = 16
+    num_categories: int = 0  # Dense category ids 1..num_categories; 0 = unknown.
+    d_model: int = 32
+    num_heads: int = 2
+    num_layers: int = 2
+    mlp_hidden: int = 64
+    num_recent: int = 32
+    summary_dim: int = 32  # Width of the summary tokens it reads; 0 = no summaries (recent only).
 
-  @property
-  def use_summaries(self) -> bool:
-    return self.summary_dim > 0
+    @property
+    def use_summaries(self) -> bool:
+        return self.summary_dim > 0
 
 
-def summarizer_config(cfg: ml_collections.ConfigDict, num_items: int) -> SummarizerConfig:
-  return SummarizerConfig(num_items=num_items, **cfg.summarizer.to_dict())
+def summarizer_config(
+    cfg: ml_collections.ConfigDict, num_items: int, num_categories: int = 0
+) -> SummarizerConfig:
+    return SummarizerConfig(
+        num_items=num_items, num_categories=num_categories, **cfg.summarizer.to_dict()
+    )
 
 
 def ranker_config(
-  cfg: ml_collections.ConfigDict, num_items: int, *, summary_dim: int
+    cfg: ml_collections.ConfigDict, num_items: int, *, summary_dim: int, num_categories: int = 0
 ) -> RankerConfig:
-  return RankerConfig(
-    num_items=num_items, num_recent=cfg.data.num_recent, summary_dim=summary_dim,
-    **cfg.ranker.to_dict(),
-  )
+    return RankerConfig(
+        num_items=num_items,
+        num_categories=num_categories,
+        num_recent=cfg.data.num_recent,
+        summary_dim=summary_dim,
+        **cfg.ranker.to_dict(),
+    )
 
 
 def config_hash(obj: Any) -> str:
-  """Stable short hash of a dataclass or dict (names a summarizer in the cache manifest)."""
-  if dataclasses.is_dataclass(obj):
-    obj = dataclasses.asdict(obj)
-  blob = json.dumps(obj, sort_keys=True, default=str).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
+    """Stable short hash of a dataclass or dict (names a summarizer in the cache manifest)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -60,26 +60,45 @@ def train_examples(data: datasets.SequenceData, config, seed: int) -> grain.MapD
     if spec.task == "ranking":
         users = np.array([u for u in range(data.num_users) if not is_eval_user(u, config)])
         ds = grain.MapDataset.source(users).shuffle(seed=seed).repeat()
-        return ds.map(lambda u: ex.ranking_example(data.source[int(u)], spec, int(u)))
+        return ds.random_map(
+            lambda u, rng: ex.ranking_example(
+                data.source[int(u)], spec, int(u), data.item_category, rng
+            ),
+            seed=seed,
+        )
     pairs = ex.retrieval_requests(data.lengths, "train")
     ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat()
     return ds.random_map(
         lambda p, rng: ex.retrieval_example(
-            data.source[int(p[0])], spec, int(p[1]), int(data.row_offsets[p[0]]), rng),
-        seed=seed)
+            data.source[int(p[0])],
+            spec,
+            int(p[1]),
+            int(data.row_offsets[p[0]]),
+            data.item_category,
+            rng,
+        ),
+        seed=seed,
+    )
 
 
 def eval_examples(data: datasets.SequenceData, config, split: str = "test") -> list:
     spec = data.spec
     if spec.task == "ranking":
-        return [ex.ranking_example(data.source[u], spec, u)
-                for u in range(data.num_users) if is_eval_user(u, config)]
+        return [
+            ex.ranking_example(data.source[u], spec, u, data.item_category)
+            for u in range(data.num_users)
+            if is_eval_user(u, config)
+        ]
     pairs = ex.retrieval_requests(data.lengths, split)
     users = np.arange(data.num_users)
     if config.data.get("max_eval_users"):
         users = users[: config.data.max_eval_users]
-    return [ex.retrieval_example(data.source[int(u)], spec, int(t), int(data.row_offsets[u]),
-                                 None) for u, t in pairs[users]]
+    return [
+        ex.retrieval_example(
+            data.source[int(u)], spec, int(t), int(data.row_offsets[u]), data.item_category, None
+        )
+        for u, t in pairs[users]
+    ]
 
 
 def batches(items: list, size: int):
@@ -89,22 +108,26 @@ def batches(items: list, size: int):
 
 def _model_keys(batch: dict, drop_history: bool) -> dict:
     skip = ("hist_",) if drop_history else ()
-    return {k: v for k, v in batch.items()
-            if not k.startswith(skip) and k not in ("seen_item", "snapshot")}
+    return {
+        k: v
+        for k, v in batch.items()
+        if not k.startswith(skip) and k not in ("seen_item", "snapshot")
+    }
 
 
 # -- models -----------------------------------------------------------------------------------
-def build_source_model(config, num_items: int, seed: int) -> SourceModel:
-    scfg = summarizer_config(config, num_items)
+def build_source_model(config, data: datasets.SequenceData, seed: int) -> SourceModel:
+    scfg = summarizer_config(config, data.num_items, data.num_categories)
+    rcfg = ranker_config(
+        config, data.num_items, summary_dim=scfg.d_model, num_categories=data.num_categories
+    )
     rngs = nnx.Rngs(seed)
-    return SourceModel(
-        Summarizer(scfg, rngs), ReconstructionDecoder(scfg, rngs),
-        Ranker(ranker_config(config, num_items, summary_dim=scfg.d_model), rngs))
+    return SourceModel(Summarizer(scfg, rngs), ReconstructionDecoder(scfg, rngs), Ranker(rcfg, rngs))
 
 
 def cache_hash(config, data: datasets.SequenceData) -> str:
     """Names the summarizer *and* the data the cache rows index."""
-    scfg = summarizer_config(config, data.num_items)
+    scfg = summarizer_config(config, data.num_items, data.num_categories)
     return config_hash({"summarizer": scfg, "data": data.fingerprint, "spec": data.spec})
 
 
@@ -116,7 +139,8 @@ def with_summaries(store: SummaryStore):
         if np.any(read.present & (read.coverage != batch["snapshot"])):
             raise ValueError(
                 "cache rows cover other events than the examples' snapshots: the cache was "
-                "built with another snapshot schedule; rebuild it (--mode=build_cache)")
+                "built with another snapshot schedule; rebuild it (--mode=build_cache)"
+            )
         return batch | {"summary": read.summaries, "summary_mask": read.present}
 
     return add
@@ -125,28 +149,37 @@ def with_summaries(store: SummaryStore):
 # -- stages -----------------------------------------------------------------------------------
 def train_source(config, workdir) -> dict:
     data = load_data(config, workdir)
-    model = build_source_model(config, data.num_items, config.seed)
+    model = build_source_model(config, data, config.seed)
     ds = train_examples(data, config, config.seed).batch(config.source.batch_size)
     loss_fn = make_loss_fn(data.spec.task, config.summarizer.recon_weight)
     model, last = fit(
-        stage="train_source", model=model, loss_fn=loss_fn, data=iter(ds), cfg=config.source,
+        stage="train_source",
+        model=model,
+        loss_fn=loss_fn,
+        data=iter(ds),
+        cfg=config.source,
         workdir=pathlib.Path(workdir).absolute() / "source",
         items=("summarizer", "decoder", "ranker"),
-        to_device=lambda b: _model_keys(b, drop_history=False))
+        to_device=lambda b: _model_keys(b, drop_history=False),
+    )
     return last
 
 
 def build_cache(config, workdir) -> dict:
     """Frozen summarizer over every (user, snapshot) row -> a new published cache version."""
     data = load_data(config, workdir)
-    summarizer = Summarizer(summarizer_config(config, data.num_items), nnx.Rngs(0))
+    summarizer = Summarizer(summarizer_config(config, data.num_items, data.num_categories), nnx.Rngs(0))
     step = restore_module(pathlib.Path(workdir).absolute() / "source", "summarizer", summarizer)
     graphdef, params = nnx.split(summarizer)
 
     @jax.jit
-    def summarize(params, item, action, gap, length):
-        valid = jnp.arange(item.shape[1])[None] < length[:, None]
-        summary, _ = nnx.merge(graphdef, params)(item, action, gap, valid)
+    def summarize(params, hist):
+        valid = jnp.arange(hist["hist_item"].shape[1])[None] < hist["hist_len"][:, None]
+        model = nnx.merge(graphdef, params)
+        summary, _ = model(
+            hist["hist_item"], hist["hist_action"], hist["hist_gap"], valid,
+            category=hist["hist_category"],
+        )
         return summary
 
     def blocks():
@@ -154,36 +187,60 @@ def build_cache(config, workdir) -> dict:
         size, t0 = config.cache.batch_size, time.monotonic()
         for i in range(0, len(rows), size):
             chunk = rows[i : i + size]
-            hist = ex.stack([ex.history_arrays(data.source[u], ex.user_gaps(
-                data.source[u], data.spec.num_gap_buckets), s, data.spec) for u, _, s in chunk])
+            hist = ex.stack(
+                [
+                    ex.history_arrays(
+                        data.source[u],
+                        ex.user_gaps(data.source[u], data.spec.num_gap_buckets),
+                        s,
+                        data.spec,
+                    )
+                    for u, _, s in chunk
+                ]
+            )
             pad = size - len(chunk)  # Keep one compiled shape.
             hist = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in hist.items()}
-            summary = summarize(params, hist["hist_item"], hist["hist_action"],
-                                hist["hist_gap"], hist["hist_len"])
+            summary = summarize(params, hist)
             row_ids = np.array([data.row_offsets[u] + j for u, j, _ in chunk])
             done = i + len(chunk)
-            _log(f"[build_cache] rows {done}/{len(rows)} "
-                 f"{done / max(time.monotonic() - t0, 1e-9):.0f} rows/s")
-            yield UserBlock(row_ids, np.asarray(summary)[: len(chunk)],
-                            np.array([s for _, _, s in chunk], np.int64))
+            _log(
+                f"[build_cache] rows {done}/{len(rows)} "
+                f"{done / max(time.monotonic() - t0, 1e-9):.0f} rows/s"
+            )
+            yield UserBlock(
+                row_ids,
+                np.asarray(summary)[: len(chunk)],
+                np.array([s for _, _, s in chunk], np.int64),
+            )
 
     version = f"v{step:08d}-{int(time.time())}"
     manifest = SummaryStore.write_version(
-        str(pathlib.Path(workdir).absolute() / "cache"), version=version, summaries=blocks(),
-        num_users=data.num_rows, config_hash=cache_hash(config, data), summarizer_step=step,
-        quantization=config.cache.quantization, chunk_users=config.cache.chunk_rows,
-        coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"})
+        str(pathlib.Path(workdir).absolute() / "cache"),
+        version=version,
+        summaries=blocks(),
+        num_users=data.num_rows,
+        config_hash=cache_hash(config, data),
+        summarizer_step=step,
+        quantization=config.cache.quantization,
+        chunk_users=config.cache.chunk_rows,
+        coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"},
+    )
     _log(f"[build_cache] published {version}: {data.num_rows} rows")
     return manifest
 
 
 def open_cache(config, workdir, data) -> SummaryStore:
-    return SummaryStore.open(str(pathlib.Path(workdir).absolute() / "cache"),
-                             expected_config_hash=cache_hash(config, data))
+    return SummaryStore.open(
+        str(pathlib.Path(workdir).absolute() / "cache"),
+        expected_config_hash=cache_hash(config, data),
+    )
 
 
-def build_ranker(config, num_items: int, summary_dim: int, seed: int) -> Ranker:
-    return Ranker(ranker_config(config, num_items, summary_dim=summary_dim), nnx.Rngs(seed))
+def build_ranker(config, data: datasets.SequenceData, summary_dim: int, seed: int) -> Ranker:
+    rcfg = ranker_config(
+        config, data.num_items, summary_dim=summary_dim, num_categories=data.num_categories
+    )
+    return Ranker(rcfg, nnx.Rngs(seed))
 
 
 def train_ranker(config, workdir) -> dict:
@@ -197,16 +254,21 @@ def train_ranker(config, workdir) -> dict:
         if dim:
             ds = ds.map(with_summaries(store))
         _, out[name] = fit(
-            stage=f"train_{name}", model=build_ranker(config, data.num_items, dim, config.seed),
-            loss_fn=loss_fn, data=iter(ds), cfg=config.downstream,
-            workdir=pathlib.Path(workdir).absolute() / name, items=("ranker",),
-            to_device=lambda b: _model_keys(b, drop_history=True))
+            stage=f"train_{name}",
+            model=build_ranker(config, data, dim, config.seed),
+            loss_fn=loss_fn,
+            data=iter(ds),
+            cfg=config.downstream,
+            workdir=pathlib.Path(workdir).absolute() / name,
+            items=("ranker",),
+            to_device=lambda b: _model_keys(b, drop_history=True),
+        )
     return out
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def _restore_ranker(config, workdir, name, num_items, dim) -> Ranker:
-    ranker = build_ranker(config, num_items, dim, 0)
+def _restore_ranker(config, workdir, name, data, dim) -> Ranker:
+    ranker = build_ranker(config, data, dim, 0)
     restore_module(pathlib.Path(workdir).absolute() / name, "ranker", ranker)
     return ranker
 
@@ -217,20 +279,29 @@ def evaluate(config, workdir) -> dict:
     split = config.get("eval_split", "test")
     items = eval_examples(data, config, split)
     size = config.eval_batch_size
-    source = build_source_model(config, data.num_items, 0)
+    source = build_source_model(config, data, 0)
     restore_module(pathlib.Path(workdir).absolute() / "source", "summarizer", source.summarizer)
     restore_module(pathlib.Path(workdir).absolute() / "source", "ranker", source.ranker)
     add = with_summaries(store)
     runs = {
         "vista_source": (source, lambda b: _model_keys(b, False)),
         "vista_source_on_cache": (source.ranker, lambda b: _model_keys(add(b), True)),
-        "vista_downstream": (_restore_ranker(config, workdir, "downstream", data.num_items,
-                                             store.d), lambda b: _model_keys(add(b), True)),
-        "recent_only": (_restore_ranker(config, workdir, "recent_only", data.num_items, 0),
-                        lambda b: _model_keys(b, True)),
+        "vista_downstream": (
+            _restore_ranker(config, workdir, "downstream", data, store.d),
+            lambda b: _model_keys(add(b), True),
+        ),
+        "recent_only": (
+            _restore_ranker(config, workdir, "recent_only", data, 0),
+            lambda b: _model_keys(b, True),
+        ),
     }
-    results = {"models": {}, "split": split, "num_requests": len(items),
-               "cache": store.manifest["version"], "quantization": store.manifest["quantization"]}
+    results = {
+        "models": {},
+        "split": split,
+        "num_requests": len(items),
+        "cache": store.manifest["version"],
+        "quantization": store.manifest["quantization"],
+    }
     for name, (model, prep) in runs.items():
         t0 = time.monotonic()
         results["models"][name] = score(data, model, batches(items, size), prep)
@@ -251,8 +322,9 @@ def score(data, model, batch_iter, prep) -> dict:
             labels.append(batch["cand_label"])
             logits.append(out)
             masks.append(batch["cand_mask"])
-        return metrics.binary_metrics(np.concatenate(labels), np.concatenate(logits),
-                                      np.concatenate(masks))
+        return metrics.binary_metrics(
+            np.concatenate(labels), np.concatenate(logits), np.concatenate(masks)
+        )
     catalog = np.arange(1, data.num_items + 1, dtype=np.int32)
 
     def with_catalog(b):
@@ -285,8 +357,12 @@ def train_and_evaluate(config, workdir, mode: str = "all") -> dict | None:
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    stages = {"train_source": train_source, "build_cache": build_cache,
-              "train_ranker": train_ranker, "evaluate": evaluate}
+    stages = {
+        "train_source": train_source,
+        "build_cache": build_cache,
+        "train_ranker": train_ranker,
+        "evaluate": evaluate,
+    }
     todo = list(stages) if mode == "all" else [mode]
     result = None
     for name in todo:

@@ -22,6 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
 
+from vista_jax import sharding
 from vista_jax.models.ranker import Ranker
 from vista_jax.models.summarizer import ReconstructionDecoder, Summarizer, reconstruction_loss
 
@@ -42,7 +43,8 @@ class SourceModel(nnx.Module):
     def __call__(self, batch, remat: bool = True):
         valid = jnp.arange(batch["hist_item"].shape[1])[None] < batch["hist_len"][:, None]
         summary, _ = self.summarizer(
-            batch["hist_item"], batch["hist_action"], batch["hist_gap"], valid, remat=remat
+            batch["hist_item"], batch["hist_action"], batch["hist_gap"], valid, remat=remat,
+            category=batch.get("hist_category"),
         )
         batch = batch | {"summary": summary, "summary_mask": jnp.ones(valid.shape[:1], bool)}
         logits, aux = self.ranker(batch)
@@ -99,7 +101,7 @@ def make_train_step(graphdef, tx, loss_fn) -> Callable:
         (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -131,8 +133,10 @@ def _module_items(graphdef, params) -> dict[str, Any]:
     """Split params by top-level submodule when the model is a SourceModel."""
     model = nnx.merge(graphdef, params)
     if isinstance(model, SourceModel):
-        return {name: nnx.state(getattr(model, name), nnx.Param) for name in
-                ("summarizer", "decoder", "ranker")}
+        return {
+            name: nnx.state(getattr(model, name), nnx.Param)
+            for name in ("summarizer", "decoder", "ranker")
+        }
     return {"ranker": params}
 
 
@@ -146,17 +150,23 @@ def save_checkpoint(mngr, graphdef, state: TrainState, data_state: dict):
 
 def restore_checkpoint(mngr, graphdef, state: TrainState) -> tuple[TrainState, dict]:
     items = _module_items(graphdef, state.params)
-    args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
-            for k, v in items.items()}
+    args = {
+        k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
+        for k, v in items.items()
+    }
     opt_abstract = {"step": state.step, "opt": state.opt_state}
     args["opt_state"] = ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_abstract))
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_abstract)
+    )
     args["data"] = ocp.args.JsonRestore()
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(**args))
     model = nnx.merge(graphdef, state.params)
     for name in items:
-        target = model if name == "ranker" and not isinstance(model, SourceModel) else getattr(
-            model, name)
+        target = (
+            model
+            if name == "ranker" and not isinstance(model, SourceModel)
+            else getattr(model, name)
+        )
         nnx.update(target, restored[name])
     _, params = nnx.split(model, nnx.Param)
     opt = restored["opt_state"]
@@ -165,14 +175,16 @@ def restore_checkpoint(mngr, graphdef, state: TrainState) -> tuple[TrainState, d
 
 def restore_module(directory, name: str, module: nnx.Module, step: int | None = None):
     """Restore one named item (e.g. the frozen summarizer) into `module`, nothing else."""
-    with ocp.CheckpointManager(directory, item_names=(name,),
-                               item_handlers={name: ocp.StandardCheckpointHandler()}) as mngr:
+    with ocp.CheckpointManager(
+        directory, item_names=(name,), item_handlers={name: ocp.StandardCheckpointHandler()}
+    ) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}: run the earlier stage")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module, nnx.Param))
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(abstract)}))
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
+        )
     nnx.update(module, restored[name])
     return step
 
@@ -198,8 +210,11 @@ class Progress:
         rate = done * self.batch_size / max(now - self._t0, 1e-9)
         eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"[{self.stage}] step {step}/{self.total_steps} {rate:.0f} ex/s "
-              f"ETA {eta:.0f}s {shown}", file=sys.stderr, flush=True)
+        print(
+            f"[{self.stage}] step {step}/{self.total_steps} {rate:.0f} ex/s ETA {eta:.0f}s {shown}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def fit(
@@ -212,18 +227,29 @@ def fit(
     workdir,
     items: tuple[str, ...],
     to_device: Callable = lambda b: b,
+    mesh=None,
+    rules=None,
 ) -> tuple[nnx.Module, dict[str, float]]:
     """Train `model` for cfg.num_steps, resuming from `workdir` if a checkpoint exists.
 
     `data` is a grain iterator (get_state/set_state); `to_device` turns a host batch into
-    model inputs (e.g. adds cached summaries). Returns the trained model and last metrics.
+    model inputs (e.g. adds cached summaries). With a `mesh` (and logical-axis `rules`), the
+    state is sharded by `vista_jax.sharding` and batches are split over `data`. Returns the
+    trained model and last metrics.
     """
     tx = make_optimizer(cfg)
     graphdef, state = init_train_state(model, tx)
-    train_step = jax.jit(make_train_step(graphdef, tx, loss_fn), donate_argnums=0)
+    step_fn = make_train_step(graphdef, tx, loss_fn)
+    place = lambda s: s  # noqa: E731
+    if mesh is None:
+        train_step = jax.jit(step_fn, donate_argnums=0)
+    else:
+        train_step, place, to_device = _sharded_step(step_fn, state, mesh, rules, to_device)
+    state = place(state)
     mngr = checkpoint_manager(workdir, items + ("opt_state",))
     if mngr.latest_step() is not None:
         state, data_state = restore_checkpoint(mngr, graphdef, state)
+        state = place(state)
         data.set_state(data_state)
         print(f"[{stage}] resumed from step {int(state.step)}", file=sys.stderr)
     start = int(state.step)
@@ -247,12 +273,21 @@ def fit(
     return nnx.merge(graphdef, state.params), last
 
 
+def _sharded_step(step_fn, state, mesh, rules, to_device):
+    """(jitted step with explicit shardings, state placer, batch placer) for `mesh`."""
+    train_step, state_sh = sharding.jit_train_step(step_fn, state, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh)
+    place = lambda s: jax.device_put(s, state_sh)  # noqa: E731
+    return train_step, place, lambda b: jax.device_put(to_device(b), batch_sh)
+
+
 def _check_finite(stage, step, metrics) -> dict[str, float]:
     metrics = {k: float(v) for k, v in metrics.items()}
     if not all(math.isfinite(v) for v in metrics.values()):
         raise TrainingDivergedError(
             f"[{stage}] non-finite metrics at step {step}: {metrics}; lower the learning rate "
-            "or check the input data")
+            "or check the input data"
+        )
     return metrics
 
 

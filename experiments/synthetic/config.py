@@ -14,10 +14,15 @@ def get_config(arg: str | None = None):
     arg = common.parse_arg(arg, tiny=False)
     c = common.base_config()
     c.data = dict(
-        kind="synthetic", num_users=2000, history_len=2000, num_candidates=32, num_recent=32,
+        kind="synthetic",
+        num_users=2000,
+        history_len=2000,
+        num_candidates=128,
+        num_recent=32,
         seed=0,
         history_window=2000,  # The summary covers the whole history.
-        eval_every=5,  # Users 0, 5, 10, ... are held out: 400 users x 32 candidates.
+        train_candidates=32,  # Sampled per step from the 128, so epochs differ.
+        eval_every=5,  # Users 0, 5, 10, ... are held out: 400 users x 128 candidates.
     )
     c.source = common.training(batch_size=32, num_steps=300, learning_rate=3e-3)
     # The downstream ranker reads summaries, not 2k events: cheap steps, so more of them.

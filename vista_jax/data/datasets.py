@@ -35,8 +35,13 @@ class SequenceData:
     num_users: int
     num_items: int
     lengths: np.ndarray  # [U] events per user
+    item_category: np.ndarray  # [I+1] category of each item (0 unknown / padding)
     row_offsets: np.ndarray  # [U+1]: cache rows of user u are row_offsets[u]:row_offsets[u+1]
     fingerprint: str
+
+    @property
+    def num_categories(self) -> int:
+        return int(self.item_category.max())
 
     @property
     def num_rows(self) -> int:
@@ -48,8 +53,10 @@ class SequenceData:
 
 def synthetic_config(data_cfg) -> synthetic.SyntheticConfig:
     return synthetic.SyntheticConfig(
-        num_users=data_cfg.num_users, history_len=data_cfg.history_len,
-        num_candidates=data_cfg.num_candidates, num_recent=data_cfg.num_recent,
+        num_users=data_cfg.num_users,
+        history_len=data_cfg.history_len,
+        num_candidates=data_cfg.num_candidates,
+        num_recent=data_cfg.num_recent,
         seed=data_cfg.seed,
     )
 
@@ -60,31 +67,56 @@ def build(data_cfg, data_dir: str | pathlib.Path) -> SequenceData:
         syn = synthetic_config(data_cfg)
         fingerprint = "syn-" + config_hash(syn)
         path = build_sequence_dataset(
-            "vista_synthetic", lambda: synthetic.iter_users(syn), data_dir,
-            fingerprint=fingerprint, with_candidates=True,
-            metadata={"num_items": synthetic.num_items(syn), "num_users": syn.num_users},
+            "vista_synthetic",
+            lambda: synthetic.iter_users(syn),
+            data_dir,
+            fingerprint=fingerprint,
+            with_candidates=True,
+            metadata={
+                "num_items": synthetic.num_items(syn),
+                "num_users": syn.num_users,
+                "item_category": [0]
+                + (synthetic.item_topic(syn, np.arange(1, synthetic.num_items(syn) + 1)) + 1)
+                .astype(int)
+                .tolist(),
+            },
         )
         task = "ranking"
     else:
         log = eventlog.load_event_log(data_cfg.kind, data_cfg.path)
         fingerprint = event_log_fingerprint(log, kind=data_cfg.kind)
         path = build_sequence_dataset(
-            "vista_event_log", lambda: event_log_records(log), data_dir,
+            "vista_event_log",
+            lambda: event_log_records(log),
+            data_dir,
             fingerprint=fingerprint,
-            metadata={"num_items": log.num_items, "num_users": log.num_users},
+            metadata={
+                "num_items": log.num_items,
+                "num_users": log.num_users,
+                "item_category": log.item_category.tolist(),
+            },
         )
         task = "retrieval"
     meta = read_sequence_metadata(path)
     source = read_sequence_dataset(path)
     lengths = np.array([len(source[u]["item"]) for u in range(len(source))])
     spec = ExampleSpec(
-        task=task, history_window=data_cfg.history_window, num_recent=data_cfg.num_recent,
+        task=task,
+        history_window=data_cfg.history_window,
+        num_recent=data_cfg.num_recent,
         snapshot_every=data_cfg.get("snapshot_every", 0),
-        num_negatives=data_cfg.get("num_negatives", 128), num_items=int(meta["num_items"]),
+        num_negatives=data_cfg.get("num_negatives", 128),
+        train_candidates=data_cfg.get("train_candidates", 0),
+        num_items=int(meta["num_items"]),
     )
     counts = [len(snapshot_positions(int(n), spec)) for n in lengths]
     return SequenceData(
-        source=source, spec=spec, num_users=len(source), num_items=int(meta["num_items"]),
-        lengths=lengths, row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        source=source,
+        spec=spec,
+        num_users=len(source),
+        num_items=int(meta["num_items"]),
+        lengths=lengths,
+        item_category=np.asarray(meta["item_category"], np.int32),
+        row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         fingerprint=fingerprint,
     )

@@ -588,6 +588,10 @@ def _recbole_header(path: pathlib.Path, required: Sequence[str]) -> list[tuple[s
     return columns
 
 
+def _recbole_layout(header) -> str:
+    return "tab-separated " + ", ".join(f"{name}:{kind}" for name, kind in header)
+
+
 def _recbole_fields(header, wanted: dict[str, str]) -> list[_Field | None]:
     fields = []
     for name, kind in header:
@@ -611,7 +615,7 @@ def load_recbole_atomic(data_dir: PathLike, name: str) -> EventLog:
     inter_path = data_dir / f"{name}.inter"
     header = _recbole_header(inter_path, list(_RECBOLE_COLUMNS))
     wanted = {**_RECBOLE_COLUMNS, **_RECBOLE_OPTIONAL}
-    layout = "\t".join(f"{n}:{t}" for n, t in header)
+    layout = _recbole_layout(header)
     columns = _read_delimited(inter_path, "\t", _recbole_fields(header, wanted), 1, layout)
     item_path = data_dir / f"{name}.item"
     category = _recbole_item_categories(item_path, columns["item"]) if item_path.is_file() else None
@@ -632,7 +636,7 @@ def _recbole_item_categories(path: pathlib.Path, event_items: np.ndarray) -> np.
         return None
     wanted = dict(item_id="item", **{"class": "class"})
     fields = _recbole_fields(header, wanted)  # Only item_id is required; class may be empty.
-    layout = "\t".join(f"{n}:{t}" for n, t in header)
+    layout = _recbole_layout(header)
     columns = _read_delimited(path, "\t", fields, 1, layout)
     first_class = [c.split(" ", 1)[0] for c in columns["class"].tolist()]
     return _categories_for_items(event_items, columns["item"].tolist(), first_class)

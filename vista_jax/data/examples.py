@@ -29,6 +29,7 @@ class ExampleSpec:
     num_recent: int  # R
     snapshot_every: int = 0  # Retrieval: a snapshot every S events (0 = only at the end).
     num_negatives: int = 128  # Retrieval training: uniform negatives per request.
+    train_candidates: int = 0  # Ranking training: candidates sampled per request (0 = all).
     num_items: int = 0
     num_gap_buckets: int = 16
 
@@ -67,6 +68,7 @@ def history_arrays(record, gaps, s: int, spec: ExampleSpec) -> dict[str, np.ndar
         "hist_item": _window(record["item"], start, s, w),
         "hist_action": _window(record["action"], start, s, w),
         "hist_gap": _window(gaps, start, s, w),
+        "hist_category": _window(record["category"], start, s, w),
         "hist_len": np.int32(s - start),
     }
 
@@ -78,27 +80,43 @@ def recent_arrays(record, gaps, t: int, spec: ExampleSpec) -> dict[str, np.ndarr
         "recent_item": _window(record["item"], start, t, r),
         "recent_action": _window(record["action"], start, t, r),
         "recent_gap": _window(gaps, start, t, r),
+        "recent_category": _window(record["category"], start, t, r),
         "recent_len": np.int32(t - start),
     }
 
 
-def ranking_example(record, spec: ExampleSpec, row: int) -> dict[str, np.ndarray]:
-    """Synthetic request after the history: snapshot at n - R, recent = the last R events."""
+def ranking_example(
+    record, spec: ExampleSpec, row: int, item_category: np.ndarray, rng=None
+) -> dict[str, np.ndarray]:
+    """Synthetic request after the history: snapshot at n - R, recent = the last R events.
+
+    With an rng (training), `spec.train_candidates` of the request's candidates are sampled,
+    so repeated passes over a user see different candidates.
+    """
     gaps = user_gaps(record, spec.num_gap_buckets)
     n = len(record["item"])
     s = n - spec.num_recent
     ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
     ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, n, spec)
-    ex["cand_item"] = np.asarray(record["cand_item"], np.int32)
-    ex["cand_label"] = np.asarray(record["cand_label"], np.float32)
+    keep = slice(None)
+    if rng is not None and spec.train_candidates:
+        keep = rng.choice(len(record["cand_item"]), spec.train_candidates, replace=False)
+    ex["cand_item"] = np.asarray(record["cand_item"], np.int32)[keep]
+    ex["cand_category"] = item_category[ex["cand_item"]].astype(np.int32)
+    ex["cand_label"] = np.asarray(record["cand_label"], np.float32)[keep]
     ex["cand_mask"] = np.ones_like(ex["cand_label"], bool)
     if "cand_prob" in record:
-        ex["cand_prob"] = np.asarray(record["cand_prob"], np.float32)
+        ex["cand_prob"] = np.asarray(record["cand_prob"], np.float32)[keep]
     return ex
 
 
 def retrieval_example(
-    record, spec: ExampleSpec, t: int, row_offset: int, rng: np.random.Generator | None
+    record,
+    spec: ExampleSpec,
+    t: int,
+    row_offset: int,
+    item_category: np.ndarray,
+    rng: np.random.Generator | None,
 ) -> dict[str, np.ndarray]:
     """Request at position t: predict item t. With an rng, add uniform negatives (training)."""
     gaps = user_gaps(record, spec.num_gap_buckets)
@@ -114,11 +132,13 @@ def retrieval_example(
     }
     ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, t, spec)
     # Items seen in the protocol's history window (most recent W before t): excluded at eval.
-    ex["seen_item"] = _window(record["item"], max(0, t - spec.history_window), t,
-                              spec.history_window)
+    ex["seen_item"] = _window(
+        record["item"], max(0, t - spec.history_window), t, spec.history_window
+    )
     if rng is not None:
         negatives = rng.integers(1, spec.num_items + 1, spec.num_negatives).astype(np.int32)
         ex["cand_item"] = np.concatenate([[target], negatives]).astype(np.int32)
+        ex["cand_category"] = item_category[ex["cand_item"]].astype(np.int32)
         ex["cand_label"] = (ex["cand_item"] == target).astype(np.float32)
         ex["cand_mask"] = np.concatenate([[True], negatives != target])
     return ex
@@ -126,13 +146,15 @@ def retrieval_example(
 
 def retrieval_requests(lengths: np.ndarray, split: str) -> np.ndarray:
     """(user, t) pairs of a split under leave-one-out: train t in [1, n-3], valid n-2, test n-1."""
-    users = np.arange(len(lengths))
+    users = np.flatnonzero(lengths >= 3)  # Fewer events cannot give train, valid and test.
     if split == "valid":
-        return np.stack([users, lengths - 2], 1)
+        return np.stack([users, lengths[users] - 2], 1)
     if split == "test":
-        return np.stack([users, lengths - 1], 1)
-    pairs = [np.stack([np.full(max(n - 3, 0), u), np.arange(1, max(n - 2, 1))], 1)
-             for u, n in zip(users, lengths, strict=True)]
+        return np.stack([users, lengths[users] - 1], 1)
+    pairs = [
+        np.stack([np.full(max(n - 3, 0), u), np.arange(1, max(n - 2, 1))], 1)
+        for u, n in zip(users, lengths[users], strict=True)
+    ]
     return np.concatenate(pairs).astype(np.int64)
 
 

@@ -48,18 +48,24 @@ class SGLU(nnx.Module):
 
 
 class EventEmbedding(nnx.Module):
-    """History token = item + action + log-gap bucket embeddings.
+    """History token = item + item category + action + log-gap bucket embeddings.
 
     Nothing here depends on when a summary is read, so incremental updates stay exact.
     """
 
-    def __init__(self, num_items: int, num_actions: int, num_gaps: int, dim: int, rngs):
+    def __init__(self, num_items, num_actions, num_gaps, num_categories, dim: int, rngs):
         self.item = embedding(num_items + 1, dim, rngs)
+        self.category = embedding(num_categories + 1, dim, rngs, axes=(None, "embed"))
         self.action = embedding(num_actions, dim, rngs, axes=(None, "embed"))
         self.gap = embedding(num_gaps, dim, rngs, axes=(None, "embed"))
 
-    def __call__(self, item, action, gap) -> jax.Array:
-        return self.item(item) + self.action(action) + self.gap(gap)
+    def items(self, item, category=None) -> jax.Array:
+        """Item-side features (id + category): what a candidate is."""
+        out = self.item(item)
+        return out if category is None else out + self.category(category)
+
+    def __call__(self, item, action, gap, category=None) -> jax.Array:
+        return self.items(item, category) + self.action(action) + self.gap(gap)
 
 
 def masked_softmax_attention(q, k, v, mask) -> jax.Array:

@@ -51,7 +51,9 @@ class Ranker(nnx.Module):
     def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.d_model
-        self.events = EventEmbedding(cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, d, rngs)
+        self.events = EventEmbedding(
+            cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, cfg.num_categories, d, rngs
+        )
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
         # Token types: 0 null key, 1 summary token, 2 recent event; plus recency positions.
         self.token_type = nnx.Param(init(rngs.params(), (3, d)))
@@ -65,7 +67,10 @@ class Ranker(nnx.Module):
 
     def context(self, batch) -> tuple[jax.Array, jax.Array]:
         """Keys/values [B, 1 + K + R, D] and their validity."""
-        recent = self.events(batch["recent_item"], batch["recent_action"], batch["recent_gap"])
+        recent = self.events(
+            batch["recent_item"], batch["recent_action"], batch["recent_gap"],
+            batch.get("recent_category"),
+        )
         recent = recent + self.recent_position[...] + self.token_type[2]
         r = recent.shape[1]
         recent_valid = jnp.arange(r)[None] < batch["recent_len"][:, None]
@@ -80,10 +85,9 @@ class Ranker(nnx.Module):
         valid.append(recent_valid)
         return jnp.concatenate(parts, 1), jnp.concatenate(valid, 1)
 
-    def __call__(self, batch, cand_item=None):
-        """Logits [B, C] for `cand_item` (default `batch["cand_item"]`) and aux outputs."""
-        cand_item = batch["cand_item"] if cand_item is None else cand_item
-        cand = self.events.item(cand_item)
+    def __call__(self, batch):
+        """Logits [B, C] for `batch["cand_item"]` (and `cand_category`) and aux outputs."""
+        cand = self.events.items(batch["cand_item"], batch.get("cand_category"))
         context, context_valid = self.context(batch)
         x = cand
         for block in self.blocks:

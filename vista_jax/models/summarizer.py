@@ -109,7 +109,9 @@ class Summarizer(nnx.Module):
     def __init__(self, cfg: SummarizerConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.d_model
-        self.embed = EventEmbedding(cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, d, rngs)
+        self.embed = EventEmbedding(
+            cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, cfg.num_categories, d, rngs
+        )
         self.layers = nnx.List([SummarizerLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("seeds", "embed"))
         self.seeds = nnx.Param(init(rngs.params(), (cfg.num_seeds, d)))
@@ -120,8 +122,8 @@ class Summarizer(nnx.Module):
         e = self.cfg.d_model // self.cfg.num_heads
         return [qla.QLAState.zeros(batch, self.cfg.num_heads, e) for _ in self.layers]
 
-    def _stack(self, item, action, gap, valid, states, form):
-        h = self.embed(item, action, gap)
+    def _stack(self, item, action, gap, valid, states, form, category=None):
+        h = self.embed(item, action, gap, category)
         new_states = []
         for layer, state in zip(self.layers[:-1], states[:-1], strict=True):
             h, state = layer.history(h, valid, state, form, self.cfg.chunk_size)
@@ -130,7 +132,15 @@ class Summarizer(nnx.Module):
         return new_states
 
     def history_states(
-        self, item, action, gap, valid, states=None, form: str = "chunked", remat: bool = False
+        self,
+        item,
+        action,
+        gap,
+        valid,
+        states=None,
+        form: str = "chunked",
+        remat: bool = False,
+        category=None,
     ) -> list[qla.QLAState]:
         """Per-layer states after the events `[B, L]` (continuing `states` if given).
 
@@ -144,10 +154,10 @@ class Summarizer(nnx.Module):
             raise ValueError("history states exist only for attention='qla'")
         states = self.initial_states(item.shape[0]) if states is None else list(states)
         if form != "chunked":
-            return self._stack(item, action, gap, valid, states, form)
-        return self._chunked_states(item, action, gap, valid, states, remat)
+            return self._stack(item, action, gap, valid, states, form, category)
+        return self._chunked_states(item, action, gap, valid, states, remat, category)
 
-    def _chunked_states(self, item, action, gap, valid, states, remat):
+    def _chunked_states(self, item, action, gap, valid, states, remat, category=None):
         b, length = item.shape
         t = min(self.cfg.chunk_size, length)
         n = -(-length // t)
@@ -162,11 +172,13 @@ class Summarizer(nnx.Module):
         def body(carry, xs):
             # Within a chunk the parallel form is the cheapest exact computation.
             model = nnx.merge(graphdef, params)
-            return model._stack(*xs, carry, "parallel"), None
+            item, action, gap, valid, category = xs
+            return model._stack(item, action, gap, valid, carry, "parallel", category), None
 
         if remat:
             body = jax.checkpoint(body)
         xs = tuple(map(chunks, (item, action, gap, valid)))
+        xs = xs + (None if category is None else chunks(category),)
         carry = states
         carry, _ = jax.lax.scan(body, carry, xs)
         return carry
@@ -180,15 +192,19 @@ class Summarizer(nnx.Module):
             t = layer.seeds(t, state)
         return self.final_norm(t)
 
-    def __call__(self, item, action, gap, valid, form: str = "chunked", remat: bool = False):
+    def __call__(
+        self, item, action, gap, valid, form: str = "chunked", remat: bool = False, category=None
+    ):
         """Summary tokens [B, K, D] and aux {"states"} (None for the softmax variant)."""
         if self.cfg.attention == "softmax":
-            return self._softmax_summary(item, action, gap, valid), {"states": None}
-        states = self.history_states(item, action, gap, valid, form=form, remat=remat)
+            return self._softmax_summary(item, action, gap, valid, category), {"states": None}
+        states = self.history_states(
+            item, action, gap, valid, form=form, remat=remat, category=category
+        )
         return self.readout(states), {"states": states}
 
-    def _softmax_summary(self, item, action, gap, valid):
-        h = self.embed(item, action, gap)
+    def _softmax_summary(self, item, action, gap, valid, category=None):
+        h = self.embed(item, action, gap, category)
         t = jnp.broadcast_to(self.seeds[...], (h.shape[0],) + self.seeds.shape)
         for layer in self.layers:
             h, t = layer.softmax(h, t, valid)
@@ -236,9 +252,12 @@ def reconstruction_loss(
     idx_BxM = length[:, None] - window + jnp.arange(window)[None]
     window_valid = idx_BxM >= 0
     window_item = jnp.take_along_axis(item, jnp.maximum(idx_BxM, 0), axis=1)
-    targets = jax.lax.stop_gradient(summarizer.embed.item(window_item))
     inputs = summarizer.embed.item(window_item)
+    # Unit-norm, stop-gradient targets: shrinking the embeddings cannot lower the loss.
+    targets = jax.lax.stop_gradient(
+        inputs / jnp.maximum(jnp.linalg.norm(inputs, axis=-1, keepdims=True), 1e-6)
+    )
     preds = decoder(summary, inputs, window_valid)
-    sq_err = jnp.mean(jnp.square(preds - targets), axis=-1)
+    sq_err = jnp.sum(jnp.square(preds - targets), axis=-1)
     w = window_valid.astype(jnp.float32)
     return jnp.sum(sq_err * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -1,0 +1,65 @@
+"""Point-in-time examples: a summary never covers the request or anything after it."""
+
+import numpy as np
+
+from vista_jax.data import examples as ex
+
+
+def _record(n=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "user": np.int64(3),
+        "item": rng.integers(1, 20, n).astype(np.int32),
+        "action": np.ones(n, np.int32),
+        "time": np.cumsum(rng.integers(1, 100, n)).astype(np.int64),
+        "category": rng.integers(1, 4, n).astype(np.int32),
+    }
+
+
+SPEC = ex.ExampleSpec(task="retrieval", history_window=8, num_recent=4, snapshot_every=5,
+                      num_negatives=6, num_items=19)
+ITEM_CATEGORY = np.arange(20) % 4
+
+
+def test_retrieval_summary_covers_only_events_before_the_request():
+    record = _record()
+    for t in range(1, 50):
+        e = ex.retrieval_example(record, SPEC, t, 0, ITEM_CATEGORY, np.random.default_rng(t))
+        s = int(e["snapshot"])
+        assert s <= t
+        n_hist = int(e["hist_len"])
+        np.testing.assert_array_equal(e["hist_item"][:n_hist], record["item"][s - n_hist : s])
+        n_rec = int(e["recent_len"])
+        np.testing.assert_array_equal(e["recent_item"][:n_rec], record["item"][t - n_rec : t])
+        assert e["cand_item"][0] == record["item"][t] and e["cand_label"][0] == 1
+        # The recent events reach back to the snapshot: nothing between is lost.
+        assert t - n_rec <= s or n_rec == SPEC.num_recent
+
+
+def test_snapshot_rows_are_newest_at_or_before_request():
+    positions = ex.snapshot_positions(50, SPEC)
+    assert positions[0] == 0 and positions[-1] == 48
+    for t in range(50):
+        idx = ex.snapshot_for(t, positions)
+        assert positions[idx] <= t and (idx + 1 == len(positions) or positions[idx + 1] > t)
+
+
+def test_leave_one_out_splits():
+    lengths = np.array([5, 3, 2])  # A user with < 3 events cannot be split: left out.
+    train = ex.retrieval_requests(lengths, "train")
+    assert train.tolist() == [[0, 1], [0, 2]]
+    assert ex.retrieval_requests(lengths, "valid").tolist() == [[0, 3], [1, 1]]
+    assert ex.retrieval_requests(lengths, "test").tolist() == [[0, 4], [1, 2]]
+
+
+def test_ranking_example_samples_candidates_only_when_training():
+    record = _record() | {
+        "cand_item": np.arange(1, 17, dtype=np.int32),
+        "cand_label": np.ones(16, np.float32),
+        "cand_prob": np.full(16, 0.5, np.float32),
+    }
+    spec = ex.ExampleSpec(task="ranking", history_window=100, num_recent=4, train_candidates=5)
+    full = ex.ranking_example(record, spec, 0, ITEM_CATEGORY)
+    assert len(full["cand_item"]) == 16 and full["snapshot"] == 46 and full["hist_len"] == 46
+    sampled = ex.ranking_example(record, spec, 0, ITEM_CATEGORY, np.random.default_rng(0))
+    assert len(set(sampled["cand_item"].tolist())) == 5

@@ -1,0 +1,1 @@
+"""Event logs, synthetic histories and per-user sequence datasets."""

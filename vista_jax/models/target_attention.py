@@ -1,0 +1,158 @@
+"""Full target attention over the raw history: the baseline whose cost VISTA removes.
+
+Each candidate attends over every history event (multi-head softmax); candidates never attend
+to each other. The chunked form scans the history in chunks with an online softmax, carrying
+per candidate and head a running max `m`, denominator `l` and numerator `acc`:
+
+  m' = max(m, max_j s_j),  l' = l e^{m - m'} + sum_j e^{s_j - m'},
+  acc' = acc e^{m - m'} + sum_j e^{s_j - m'} v_j,           output = acc / l
+
+so memory is O(C * chunk) however long the history (1M events fit), and the result equals
+the plain softmax. `FullTargetAttentionRanker` embeds events inside the scan too, so not even
+the [L, D] history embeddings are ever materialized.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vista_jax.config import RankerConfig
+from vista_jax.models.layers import EventEmbedding, dense, rms_norm
+
+_NEG = -1e30
+
+
+class SoftmaxCarry(NamedTuple):
+    """Online-softmax state per (batch, head, candidate)."""
+
+    max: jax.Array  # [B, H, C]
+    denom: jax.Array  # [B, H, C]
+    numer: jax.Array  # [B, H, C, E]
+
+
+def empty_carry(q_BxCxHxE: jax.Array) -> SoftmaxCarry:
+    """No keys seen yet: max -inf (finite), zero denominator and numerator."""
+    b, c, h, e = q_BxCxHxE.shape
+    return SoftmaxCarry(
+        jnp.full((b, h, c), _NEG, jnp.float32),
+        jnp.zeros((b, h, c), jnp.float32),
+        jnp.zeros((b, h, c, e), jnp.float32),
+    )
+
+
+def fold_chunk(carry: SoftmaxCarry, q, k, v, valid) -> SoftmaxCarry:
+    """Folds keys/values k, v [B,T,H,E] (valid [B,T]) into the carry of queries q [B,C,H,E]."""
+    scale = 1.0 / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    logits_BxHxCxT = jnp.einsum("bche,bthe->bhct", q, k) * scale
+    logits_BxHxCxT = jnp.where(valid[:, None, None, :], logits_BxHxCxT, _NEG)
+    new_max = jnp.maximum(carry.max, logits_BxHxCxT.max(axis=-1))
+    # Masked logits sit at -1e30; with every key masked so far new_max is -1e30 too, so zero
+    # their weights explicitly rather than trusting exp(0) = 1.
+    weights = jnp.exp(logits_BxHxCxT - new_max[..., None]) * valid[:, None, None, :]
+    rescale = jnp.exp(carry.max - new_max)
+    denom = carry.denom * rescale + weights.sum(axis=-1)
+    numer = carry.numer * rescale[..., None] + jnp.einsum("bhct,bthe->bhce", weights, v)
+    return SoftmaxCarry(new_max, denom, numer)
+
+
+def finish(carry: SoftmaxCarry) -> jax.Array:
+    """Attended values [B, C, H, E]; a candidate with no valid key gets zeros."""
+    out = carry.numer / jnp.maximum(carry.denom, 1e-30)[..., None]
+    return jnp.moveaxis(out, 1, 2)
+
+
+def _chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, L, ...] -> [L/T, B, T, ...], zero-padded at the end (padding is marked invalid)."""
+    b, length = x.shape[:2]
+    n = -(-length // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+
+
+def target_attention_chunked(q, k, v, valid, chunk_size: int = 1024) -> jax.Array:
+    """Candidates q [B,C,H,E] over history k, v [B,L,H,E]: online softmax in chunks."""
+    chunk_size = max(1, min(chunk_size, k.shape[1]))
+
+    def body(carry, xs):
+        return fold_chunk(carry, q, *xs), None
+
+    xs = (_chunks(k, chunk_size), _chunks(v, chunk_size), _chunks(valid, chunk_size))
+    carry, _ = jax.lax.scan(body, empty_carry(q), xs)
+    return finish(carry)
+
+
+def target_attention_reference(q, k, v, valid) -> jax.Array:
+    """Plain masked softmax over all keys at once (O(C * L) memory): the reference."""
+    logits = jnp.einsum("bche,blhe->bhcl", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = jnp.where(valid[:, None, None, :], logits, _NEG)
+    weights = jax.nn.softmax(logits, axis=-1) * jnp.any(valid, axis=-1)[:, None, None, None]
+    return jnp.einsum("bhcl,blhe->bche", weights, v)
+
+
+class FullTargetAttentionRanker(nnx.Module):
+    """Candidates attend over the raw history (one layer), then an MLP scores each one.
+
+    Reads the same batch keys as `Ranker` (`hist_item/hist_action/hist_gap/hist_len`,
+    `cand_item`; `hist_category`/`cand_category` when present). A learned null key/value starts every softmax, so an empty history still
+    gives a well-defined score. Returns (logits [B, C], {"attended": [B, C, D]}).
+    """
+
+    def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs, chunk_size: int = 4096):
+        d = cfg.d_model
+        self.num_heads, self.chunk_size = cfg.num_heads, chunk_size
+        self.events = EventEmbedding(
+            cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, cfg.num_categories, d, rngs
+        )
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
+        self.null = nnx.Param(init(rngs.params(), (2, d)))  # null key row, null value row
+        self.q_norm, self.kv_norm = rms_norm(d, rngs), rms_norm(d, rngs)
+        self.query = dense(d, d, ("embed", "heads"), rngs)
+        self.key = dense(d, d, ("embed", "heads"), rngs)
+        self.value = dense(d, d, ("embed", "heads"), rngs)
+        self.out = dense(d, d, ("heads", "embed"), rngs)
+        self.head_norm = rms_norm(2 * d, rngs)
+        self.head_in = dense(2 * d, cfg.mlp_hidden, ("embed", "mlp"), rngs)
+        self.head_out = dense(cfg.mlp_hidden, 1, ("mlp", None), rngs)
+
+    def _heads(self, x):
+        return x.reshape(x.shape[:-1] + (self.num_heads, -1))
+
+    def _keys_values(self, item, action, gap, category):
+        x = self.kv_norm(self.events(item, action, gap, category))
+        return self._heads(self.key(x)), self._heads(self.value(x))
+
+    def attend(self, q_BxCxHxE, batch) -> jax.Array:
+        """Online softmax over [null; history], embedding each chunk inside the scan."""
+        item = batch["hist_item"]
+        b, length = item.shape
+        t = max(1, min(self.chunk_size, length))
+        valid = jnp.arange(length)[None] < batch["hist_len"][:, None]
+        null_valid = jnp.ones((b, 1), bool)
+        null_k, null_v = (jnp.broadcast_to(self._heads(n), (b, 1) + q_BxCxHxE.shape[2:])
+                          for n in self.null[...])  # fmt: skip
+        carry = fold_chunk(empty_carry(q_BxCxHxE), q_BxCxHxE, null_k, null_v, null_valid)
+
+        def body(carry, xs):
+            *ids, valid_c = xs
+            k, v = self._keys_values(*ids)
+            return fold_chunk(carry, q_BxCxHxE, k, v, valid_c), None
+
+        category = batch.get("hist_category")
+        ids = (item, batch["hist_action"], batch["hist_gap"], category, valid)
+        xs = tuple(None if x is None else _chunks(x, t) for x in ids)
+        carry, _ = jax.lax.scan(body, carry, xs)
+        return finish(carry)
+
+    def __call__(self, batch, cand_item=None):
+        cand_item = batch["cand_item"] if cand_item is None else cand_item
+        cand = self.events.items(cand_item, batch.get("cand_category"))
+        q = self._heads(self.query(self.q_norm(cand)))
+        o = self.attend(q, batch)
+        x = cand + self.out(o.reshape(cand.shape))
+        features = self.head_norm(jnp.concatenate([cand, x], axis=-1))
+        logits = self.head_out(jax.nn.gelu(self.head_in(features)))[..., 0]
+        return logits, {"attended": x}
