@@ -97,7 +97,9 @@ def test_update_equals_recompute(model):
     states, _, last_time = _initial_build(model, users)
     has_history = np.asarray(states[0].count) > 0
     item, action, gap, valid, _ = _new_events(users, last_time, has_history)
-    new_states, summary = incremental.update(model, states, *map(jnp.asarray, (item, action, gap, valid)))
+    new_states, summary = incremental.update(
+        model, states, *map(jnp.asarray, (item, action, gap, valid))
+    )
     ref_states, ref_summary = _recompute(model, users)
     assert np.max(np.abs(summary - ref_summary)) <= 1e-4
     for got, want in zip(new_states, ref_states, strict=True):

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from vista_jax.config import SummarizerConfig
+from vista_jax.models import qla
 from vista_jax.models.summarizer import Summarizer
 
 B, L = 3, 37
@@ -36,7 +37,9 @@ def _repad(events, seed):
     item, action, gap, valid = events
     rng = np.random.default_rng(seed)
     noise = [rng.integers(0, hi, (B, L)) for hi in (51, 8, 16)]
-    return tuple(jnp.where(valid, x, n) for x, n in zip((item, action, gap), noise)) + (valid,)
+    return tuple(
+        jnp.where(valid, x, n) for x, n in zip((item, action, gap), noise, strict=True)
+    ) + (valid,)
 
 
 def _summary(model, events, form):
@@ -55,12 +58,29 @@ def test_three_forms_agree_on_states_and_summaries(chunk_size):
         np.testing.assert_allclose(model.readout(states), model.readout(ref), **TOL)
 
 
+@pytest.mark.parametrize("block", [1, 4, 7, 37])
+def test_blocked_chunk_step_equals_parallel_form(block):
+    """The chunked form's step cuts a chunk into causal blocks; it must equal the reference."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k = (jax.nn.silu(jax.random.normal(kk, (B, L, 2, 4))) for kk in keys[:2])
+    v = jax.random.normal(keys[2], (B, L, 2, 4))
+    valid = _events()[3]
+    state = qla.QLAState(jax.random.normal(keys[3], (B, 2, 4, 4)), jnp.array([3.0, 0.0, 5.0]))
+    out, st = qla.qla_chunk_step(state, q, k, v, valid, block=block)
+    ref, ref_st = qla.qla_parallel(q, k, v, valid, state)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(st.kv_sum, ref_st.kv_sum, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(st.count, ref_st.count)
+
+
 def test_empty_history_summary_is_the_seed_only_summary():
     model = _model()
     item, action, gap, valid = _events(lengths=(0, 0, 0))
     summary = _summary(model, (item, action, gap, valid), "chunked")
     np.testing.assert_allclose(summary, model.readout(model.initial_states(B)), atol=1e-6)
     np.testing.assert_allclose(summary[0], summary[1], atol=1e-6)
+    no_events = _summary(model, (item[:, :0], action[:, :0], gap[:, :0], valid[:, :0]), "chunked")
+    np.testing.assert_allclose(no_events, summary, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunked", "recurrent"])

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vista_jax import metrics
+from vista_jax import metrics, sharding
 from vista_jax.config import config_hash, ranker_config, summarizer_config
 from vista_jax.data import datasets
 from vista_jax.data import examples as ex
@@ -106,6 +106,13 @@ def batches(items: list, size: int):
         yield ex.stack(items[i : i + size])
 
 
+def mesh_and_rules(config):
+    """The configured device mesh, or (None, None) for one device (the CPU default)."""
+    if int(np.prod(config.mesh.shape)) <= 1:
+        return None, None
+    return sharding.make_mesh(config.mesh.shape, config.mesh.axes), config.mesh.rules
+
+
 def _model_keys(batch: dict, drop_history: bool) -> dict:
     skip = ("hist_",) if drop_history else ()
     return {
@@ -150,6 +157,7 @@ def with_summaries(store: SummaryStore):
 def train_source(config, workdir) -> dict:
     data = load_data(config, workdir)
     model = build_source_model(config, data, config.seed)
+    mesh, rules = mesh_and_rules(config)
     ds = train_examples(data, config, config.seed).batch(config.source.batch_size)
     loss_fn = make_loss_fn(data.spec.task, config.summarizer.recon_weight)
     model, last = fit(
@@ -160,6 +168,8 @@ def train_source(config, workdir) -> dict:
         cfg=config.source,
         workdir=pathlib.Path(workdir).absolute() / "source",
         items=("summarizer", "decoder", "ranker"),
+        mesh=mesh,
+        rules=rules,
         to_device=lambda b: _model_keys(b, drop_history=False),
     )
     return last
@@ -248,6 +258,7 @@ def train_ranker(config, workdir) -> dict:
     data = load_data(config, workdir)
     store = open_cache(config, workdir, data)
     loss_fn = make_loss_fn(data.spec.task)
+    mesh, rules = mesh_and_rules(config)
     out = {}
     for name, dim in (("downstream", store.d), ("recent_only", 0)):
         ds = train_examples(data, config, config.seed + 1).batch(config.downstream.batch_size)
@@ -261,6 +272,8 @@ def train_ranker(config, workdir) -> dict:
             cfg=config.downstream,
             workdir=pathlib.Path(workdir).absolute() / name,
             items=("ranker",),
+            mesh=mesh,
+            rules=rules,
             to_device=lambda b: _model_keys(b, drop_history=True),
         )
     return out

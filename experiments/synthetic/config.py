@@ -15,18 +15,20 @@ def get_config(arg: str | None = None):
     c = common.base_config()
     c.data = dict(
         kind="synthetic",
-        num_users=2000,
-        history_len=2000,
+        # Many users, because stage 2 must learn a rule that transfers to held-out users;
+        # with 2k users it memorizes users instead (measured: eval AUC 0.55 vs train 0.78).
+        num_users=8000,
+        history_len=1000,
         num_candidates=128,
         num_recent=32,
         seed=0,
-        history_window=2000,  # The summary covers the whole history.
+        history_window=1000,  # The summary covers the whole history.
         train_candidates=32,  # Sampled per step from the 128, so epochs differ.
-        eval_every=5,  # Users 0, 5, 10, ... are held out: 400 users x 128 candidates.
+        eval_every=5,  # Users 0, 5, 10, ... are held out: 1600 users x 128 candidates.
     )
-    c.source = common.training(batch_size=32, num_steps=300, learning_rate=3e-3)
+    c.source = common.training(batch_size=32, num_steps=400, learning_rate=3e-3)
     # The downstream ranker reads summaries, not 2k events: cheap steps, so more of them.
-    c.downstream = common.training(batch_size=64, num_steps=400, learning_rate=3e-3)
+    c.downstream = common.training(batch_size=64, num_steps=600, learning_rate=3e-3)
     if arg.tiny:  # Smoke run: seconds, not minutes.
         c.data.num_users, c.data.history_len = 60, 300
         c.data.history_window = 300

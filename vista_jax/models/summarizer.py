@@ -68,6 +68,8 @@ class SummarizerLayer(nnx.Module):
         q, k, v = self.qkv(h)
         if form == "parallel":
             o, state = qla.qla_parallel(q, k, v, valid, state)
+        elif form == "chunk_step":  # one step of the chunked form (blocked, O(T * block))
+            o, state = qla.qla_chunk_step(state, q, k, v, valid)
         elif form == "recurrent":
             o, state = qla.qla_recurrent(q, k, v, valid, state)
         else:
@@ -158,29 +160,31 @@ class Summarizer(nnx.Module):
         return self._chunked_states(item, action, gap, valid, states, remat, category)
 
     def _chunked_states(self, item, action, gap, valid, states, remat, category=None):
-        b, length = item.shape
+        """Scans whole chunks, slicing the inputs in place (no padded or transposed copy of
+        the history, so memory stays flat in L), then folds the remaining events in."""
+        length = item.shape[1]
+        if length == 0:
+            return states
         t = min(self.cfg.chunk_size, length)
-        n = -(-length // t)
-        pad = n * t - length
-
-        def chunks(x):
-            x = jnp.pad(x, [(0, 0), (0, pad)])
-            return jnp.moveaxis(x.reshape(b, n, t), 1, 0)
-
+        n_full = length // t
+        ids = (item, action, gap, valid, category)
         graphdef, params = nnx.split(self)
 
-        def body(carry, xs):
-            # Within a chunk the parallel form is the cheapest exact computation.
+        def step(carry, xs):
             model = nnx.merge(graphdef, params)
             item, action, gap, valid, category = xs
-            return model._stack(item, action, gap, valid, carry, "parallel", category), None
+            return model._stack(item, action, gap, valid, carry, "chunk_step", category)
 
         if remat:
-            body = jax.checkpoint(body)
-        xs = tuple(map(chunks, (item, action, gap, valid)))
-        xs = xs + (None if category is None else chunks(category),)
-        carry = states
-        carry, _ = jax.lax.scan(body, carry, xs)
+            step = jax.checkpoint(step)
+
+        def body(carry, i):
+            xs = [None if x is None else jax.lax.dynamic_slice_in_dim(x, i * t, t, 1) for x in ids]
+            return step(carry, xs), None
+
+        carry, _ = jax.lax.scan(body, states, jnp.arange(n_full))
+        if length > n_full * t:
+            carry = step(carry, [None if x is None else x[:, n_full * t :] for x in ids])
         return carry
 
     # -- readout -----------------------------------------------------------------------------

@@ -97,8 +97,9 @@ class FullTargetAttentionRanker(nnx.Module):
     """Candidates attend over the raw history (one layer), then an MLP scores each one.
 
     Reads the same batch keys as `Ranker` (`hist_item/hist_action/hist_gap/hist_len`,
-    `cand_item`; `hist_category`/`cand_category` when present). A learned null key/value starts every softmax, so an empty history still
-    gives a well-defined score. Returns (logits [B, C], {"attended": [B, C, D]}).
+    `cand_item`; `hist_category`/`cand_category` when present). A learned null key/value
+    starts every softmax, so an empty history still gives a well-defined score.
+    Returns (logits [B, C], {"attended": [B, C, D]}).
     """
 
     def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs, chunk_size: int = 4096):
