@@ -16,8 +16,14 @@ def _record(n=50, seed=0):
     }
 
 
-SPEC = ex.ExampleSpec(task="retrieval", history_window=8, num_recent=4, snapshot_every=5,
-                      num_negatives=6, num_items=19)
+SPEC = ex.ExampleSpec(
+    task="retrieval",
+    history_window=8,
+    num_recent=4,
+    snapshot_every=5,
+    num_negatives=6,
+    num_items=19,
+)
 ITEM_CATEGORY = np.arange(20) % 4
 
 

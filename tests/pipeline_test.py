@@ -10,8 +10,8 @@ from flax import nnx
 
 from experiments.synthetic import config as synthetic_config
 from vista_jax import pipeline
-from vista_jax.models.summarizer import Summarizer
 from vista_jax.config import summarizer_config
+from vista_jax.models.summarizer import Summarizer
 from vista_jax.train import restore_module
 
 

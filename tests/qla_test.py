@@ -42,8 +42,10 @@ def test_parallel_matches_loop_definition():
 def test_chunked_and_recurrent_match_parallel(chunk):
     q, k, v, valid = _inputs()
     ref, ref_state = qla.qla_parallel(q, k, v, valid)
-    for out, state in (qla.qla_chunked(q, k, v, valid, chunk_size=chunk),
-                       qla.qla_recurrent(q, k, v, valid)):
+    for out, state in (
+        qla.qla_chunked(q, k, v, valid, chunk_size=chunk),
+        qla.qla_recurrent(q, k, v, valid),
+    ):
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.kv_sum, ref_state.kv_sum, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(state.count, ref_state.count)
@@ -64,7 +66,8 @@ def test_padding_never_changes_valid_outputs_or_state():
     noise = jax.random.normal(jax.random.key(9), q.shape) * 100.0
     pad = ~valid[..., None, None]
     out_a, st_a = qla.qla_chunked(q, k, v, valid, chunk_size=8)
-    out_b, st_b = qla.qla_chunked(q, jnp.where(pad, noise, k), jnp.where(pad, noise, v), valid,
-                                  chunk_size=8)
+    out_b, st_b = qla.qla_chunked(
+        q, jnp.where(pad, noise, k), jnp.where(pad, noise, v), valid, chunk_size=8
+    )
     np.testing.assert_allclose(jnp.where(~pad, out_a, 0), jnp.where(~pad, out_b, 0), atol=1e-6)
     np.testing.assert_allclose(st_a.kv_sum, st_b.kv_sum, atol=1e-6)

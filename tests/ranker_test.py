@@ -27,8 +27,9 @@ def _batch(seed=0):
 
 
 def _ranker(summary_dim=D):
-    cfg = RankerConfig(num_items=29, num_categories=3, d_model=16, num_recent=R,
-                       summary_dim=summary_dim)
+    cfg = RankerConfig(
+        num_items=29, num_categories=3, d_model=16, num_recent=R, summary_dim=summary_dim
+    )
     return Ranker(cfg, nnx.Rngs(0))
 
 

@@ -1,8 +1,8 @@
 """The retrieval protocol end to end on real data (ML-100K) and on a CSV event log."""
 
 import numpy as np
-
 from data_env import real_data_dir
+
 from experiments.eventlog import config as eventlog_config
 from experiments.ml1m import config as ml1m_config
 from vista_jax import pipeline

@@ -129,7 +129,9 @@ def build_source_model(config, data: datasets.SequenceData, seed: int) -> Source
         config, data.num_items, summary_dim=scfg.d_model, num_categories=data.num_categories
     )
     rngs = nnx.Rngs(seed)
-    return SourceModel(Summarizer(scfg, rngs), ReconstructionDecoder(scfg, rngs), Ranker(rcfg, rngs))
+    return SourceModel(
+        Summarizer(scfg, rngs), ReconstructionDecoder(scfg, rngs), Ranker(rcfg, rngs)
+    )
 
 
 def cache_hash(config, data: datasets.SequenceData) -> str:
@@ -178,7 +180,9 @@ def train_source(config, workdir) -> dict:
 def build_cache(config, workdir) -> dict:
     """Frozen summarizer over every (user, snapshot) row -> a new published cache version."""
     data = load_data(config, workdir)
-    summarizer = Summarizer(summarizer_config(config, data.num_items, data.num_categories), nnx.Rngs(0))
+    summarizer = Summarizer(
+        summarizer_config(config, data.num_items, data.num_categories), nnx.Rngs(0)
+    )
     step = restore_module(pathlib.Path(workdir).absolute() / "source", "summarizer", summarizer)
     graphdef, params = nnx.split(summarizer)
 
@@ -187,7 +191,10 @@ def build_cache(config, workdir) -> dict:
         valid = jnp.arange(hist["hist_item"].shape[1])[None] < hist["hist_len"][:, None]
         model = nnx.merge(graphdef, params)
         summary, _ = model(
-            hist["hist_item"], hist["hist_action"], hist["hist_gap"], valid,
+            hist["hist_item"],
+            hist["hist_action"],
+            hist["hist_gap"],
+            valid,
             category=hist["hist_category"],
         )
         return summary

@@ -43,7 +43,11 @@ class SourceModel(nnx.Module):
     def __call__(self, batch, remat: bool = True):
         valid = jnp.arange(batch["hist_item"].shape[1])[None] < batch["hist_len"][:, None]
         summary, _ = self.summarizer(
-            batch["hist_item"], batch["hist_action"], batch["hist_gap"], valid, remat=remat,
+            batch["hist_item"],
+            batch["hist_action"],
+            batch["hist_gap"],
+            valid,
+            remat=remat,
             category=batch.get("hist_category"),
         )
         batch = batch | {"summary": summary, "summary_mask": jnp.ones(valid.shape[:1], bool)}

@@ -1,4 +1,4 @@
-r"""VISTA on any event log file: CSV or Parquet with `user,item,timestamp[,rating|label][,category]`.
+r"""VISTA on any event log: CSV or Parquet with `user,item,timestamp[,rating|label][,category]`.
 
   python run.py --config=experiments/eventlog/config.py --workdir=/tmp/vista_log \
       --config.data.path=/path/to/events.csv

@@ -68,7 +68,9 @@ class Ranker(nnx.Module):
     def context(self, batch) -> tuple[jax.Array, jax.Array]:
         """Keys/values [B, 1 + K + R, D] and their validity."""
         recent = self.events(
-            batch["recent_item"], batch["recent_action"], batch["recent_gap"],
+            batch["recent_item"],
+            batch["recent_action"],
+            batch["recent_gap"],
             batch.get("recent_category"),
         )
         recent = recent + self.recent_position[...] + self.token_type[2]
