@@ -12,8 +12,10 @@ What is measured, for one user, and how:
     high-water mark (VmHWM, reset through /proc/self/clear_refs after compiling) minus the
     RSS before the run; on an accelerator the allocator's peak_bytes_in_use minus
     bytes_in_use before the run. Both count only what running the summarizer adds.
-  * ranker: scoring 200 candidates. VISTA reads k=128 summary tokens + the last 32 events
-    (the tail slice of the history is inside the timed call); full target attention
+  * ranker: scoring 200 candidates (all lengths timed round-robin, median of rounds, so
+    drifting load on a shared machine hits each length alike). VISTA reads k=128 summary
+    tokens + the last 32 events (the tail slice of the history is inside the timed call);
+    full target attention
     (`FullTargetAttentionRanker`, 1 layer like the VISTA ranker) reads the raw history.
   * incremental: 1k new events on a 1M history: `incremental.update` from the stored states
     (gap features computed against the last stored time, inside the timed call) against a
@@ -275,23 +277,36 @@ def full_ta_scorer():
     return score
 
 
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """Median seconds of each fn, measured round-robin so load drift hits every one alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, 1, min_total=0.05))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def ranker_seconds(lengths, summary) -> dict:
     """Seconds to score `candidates` for one user, VISTA vs full target attention."""
     rng = np.random.default_rng(3)
     cand = jnp.asarray(rng.integers(1, FLAGS.num_items + 1, (1, FLAGS.candidates), np.int32))
     vista, full_ta = vista_scorer(summary), full_ta_scorer()
-    out = {"vista": {}, "full_ta": {}}
+    fns = {}
     for length in lengths:
         hist = synthetic_history(length, seed=length)
         hist_dev = {f"hist_{k}": jnp.asarray(hist[k]) for k in ("item", "action", "gap")}
         hist_dev["hist_len"] = jnp.array([length])
-        run_vista = functools.partial(vista, hist, cand)
-        run_full_ta = functools.partial(full_ta, hist_dev, cand)
-        run_vista(), run_full_ta()  # compile
-        out["vista"][str(length)] = median_seconds(run_vista, FLAGS.repeats)
-        out["full_ta"][str(length)] = median_seconds(run_full_ta, FLAGS.repeats)
-        log(f"ranker L={length}: vista {out['vista'][str(length)]:.4f}s, "
-            f"full TA {out['full_ta'][str(length)]:.4f}s")  # fmt: skip
+        fns["vista", str(length)] = functools.partial(vista, hist, cand)
+        fns["full_ta", str(length)] = functools.partial(full_ta, hist_dev, cand)
+    for fn in fns.values():
+        fn()  # compile
+    medians = interleaved_medians(fns, rounds=max(3, FLAGS.repeats))
+    out = {"vista": {}, "full_ta": {}}
+    for (kind, length), seconds in medians.items():
+        out[kind][length] = seconds
+    for length in map(str, lengths):
+        log(f"ranker L={length}: vista {out['vista'][length]:.5f}s, "
+            f"full TA {out['full_ta'][length]:.4f}s")  # fmt: skip
     return out
 
 
