@@ -11,6 +11,7 @@ from flax import nnx
 from experiments.synthetic import config as synthetic_config
 from vista_jax import pipeline
 from vista_jax.config import summarizer_config
+from vista_jax.models import incremental
 from vista_jax.models.summarizer import Summarizer
 from vista_jax.train import restore_module
 
@@ -71,3 +72,16 @@ def test_cache_from_another_summarizer_is_refused(tiny_run):
     other.summarizer.num_seeds = 3
     with pytest.raises(Exception, match="config_hash"):
         pipeline.train_and_evaluate(other, workdir, "evaluate")
+
+
+def test_cache_holds_states_that_reproduce_the_summaries(tiny_run):
+    config, workdir, _ = tiny_run
+    data = pipeline.load_data(config, workdir)
+    store = pipeline.open_cache(config, workdir, data)
+    cfg = summarizer_config(config, data.num_items, data.num_categories)
+    summarizer = Summarizer(cfg, nnx.Rngs(0))
+    restore_module(workdir / "source", "summarizer", summarizer)
+    rows = np.arange(4)
+    states, _ = incremental.read_states(store, rows, cfg.num_layers)
+    cached = store.read(rows).summaries
+    np.testing.assert_allclose(summarizer.readout(states), cached, atol=0.05)

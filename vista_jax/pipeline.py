@@ -26,6 +26,7 @@ from vista_jax import metrics, sharding
 from vista_jax.config import config_hash, ranker_config, summarizer_config
 from vista_jax.data import datasets
 from vista_jax.data import examples as ex
+from vista_jax.models import incremental
 from vista_jax.models.ranker import Ranker
 from vista_jax.models.summarizer import ReconstructionDecoder, Summarizer
 from vista_jax.store import SummaryStore, UserBlock
@@ -190,14 +191,14 @@ def build_cache(config, workdir) -> dict:
     def summarize(params, hist):
         valid = jnp.arange(hist["hist_item"].shape[1])[None] < hist["hist_len"][:, None]
         model = nnx.merge(graphdef, params)
-        summary, _ = model(
+        summary, aux = model(
             hist["hist_item"],
             hist["hist_action"],
             hist["hist_gap"],
             valid,
             category=hist["hist_category"],
         )
-        return summary
+        return summary, aux["states"]
 
     def blocks():
         rows = [(u, j, s) for u in range(data.num_users) for j, s in enumerate(data.snapshots(u))]
@@ -217,7 +218,16 @@ def build_cache(config, workdir) -> dict:
             )
             pad = size - len(chunk)  # Keep one compiled shape.
             hist = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in hist.items()}
-            summary = summarize(params, hist)
+            summary, states = summarize(params, hist)
+            n = len(chunk)
+            # Per-layer QLA states (and the last covered event's time) beside the summaries,
+            # so a refresh folds in only new events (vista_jax.models.incremental).
+            extras = None
+            if states is not None:
+                extras = {k: v[:n] for k, v in incremental.states_to_arrays(states).items()}
+                extras[incremental.LAST_TIME] = np.array(
+                    [data.source[u]["time"][s - 1] if s else 0 for u, _, s in chunk], np.int64
+                )
             row_ids = np.array([data.row_offsets[u] + j for u, j, _ in chunk])
             done = i + len(chunk)
             _log(
@@ -226,8 +236,9 @@ def build_cache(config, workdir) -> dict:
             )
             yield UserBlock(
                 row_ids,
-                np.asarray(summary)[: len(chunk)],
+                np.asarray(summary)[:n],
                 np.array([s for _, _, s in chunk], np.int64),
+                extras,
             )
 
     version = f"v{step:08d}-{int(time.time())}"
