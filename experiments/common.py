@@ -43,8 +43,6 @@ def base_config() -> ml_collections.ConfigDict:
             chunk_size=256,
             recon_window=64,
             recon_weight=1.0,
-            num_actions=8,
-            num_gap_buckets=16,
         )
     )
     c.ranker = ml_collections.ConfigDict(
@@ -53,8 +51,6 @@ def base_config() -> ml_collections.ConfigDict:
             num_heads=2,
             num_layers=1,
             mlp_hidden=64,
-            num_actions=8,
-            num_gap_buckets=16,
         )
     )
     c.cache = ml_collections.ConfigDict(dict(quantization="int8", chunk_rows=64, batch_size=64))

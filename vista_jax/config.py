@@ -14,14 +14,16 @@ from typing import Any
 
 import ml_collections
 
+from vista_jax.data.eventlog import NUM_ACTIONS, NUM_GAP_BUCKETS
+
 
 @dataclasses.dataclass(frozen=True)
 class SummarizerConfig:
     """Stage 1: learned seeds summarize the whole history."""
 
     num_items: int  # Dense item ids are 1..num_items; 0 is padding.
-    num_actions: int = 8
-    num_gap_buckets: int = 16
+    num_actions: int = NUM_ACTIONS
+    num_gap_buckets: int = NUM_GAP_BUCKETS
     num_categories: int = 0  # Dense category ids 1..num_categories; 0 = unknown.
     d_model: int = 32
     num_heads: int = 2
@@ -47,8 +49,8 @@ class RankerConfig:
     """Stage 2: candidates attend to [summary tokens; last R events]."""
 
     num_items: int
-    num_actions: int = 8
-    num_gap_buckets: int = 16
+    num_actions: int = NUM_ACTIONS
+    num_gap_buckets: int = NUM_GAP_BUCKETS
     num_categories: int = 0  # Dense category ids 1..num_categories; 0 = unknown.
     d_model: int = 32
     num_heads: int = 2

@@ -133,48 +133,41 @@ def checkpoint_manager(directory, items: tuple[str, ...], max_to_keep: int = 2):
     )
 
 
-def _module_items(graphdef, params) -> dict[str, Any]:
-    """Split params by top-level submodule when the model is a SourceModel."""
-    model = nnx.merge(graphdef, params)
+def _named_modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    """The checkpoint items of a model: one per top-level module a later stage may restore."""
     if isinstance(model, SourceModel):
-        return {
-            name: nnx.state(getattr(model, name), nnx.Param)
-            for name in ("summarizer", "decoder", "ranker")
-        }
-    return {"ranker": params}
+        return {name: getattr(model, name) for name in ("summarizer", "decoder", "ranker")}
+    return {"ranker": model}
 
 
 def save_checkpoint(mngr, graphdef, state: TrainState, data_state: dict):
-    items = _module_items(graphdef, state.params)
-    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+    modules = _named_modules(nnx.merge(graphdef, state.params))
+    args = {k: ocp.args.StandardSave(nnx.state(m, nnx.Param)) for k, m in modules.items()}
     args["opt_state"] = ocp.args.StandardSave({"step": state.step, "opt": state.opt_state})
     args["data"] = ocp.args.JsonSave(data_state)
     mngr.save(int(state.step), args=ocp.args.Composite(**args))
 
 
 def restore_checkpoint(mngr, graphdef, state: TrainState) -> tuple[TrainState, dict]:
-    items = _module_items(graphdef, state.params)
-    args = {
-        k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
-        for k, v in items.items()
-    }
+    model = nnx.merge(graphdef, state.params)
+    modules = _named_modules(model)
+    args = {k: ocp.args.StandardRestore(_abstract(m)) for k, m in modules.items()}
     opt_abstract = {"step": state.step, "opt": state.opt_state}
     args["opt_state"] = ocp.args.StandardRestore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_abstract)
     )
     args["data"] = ocp.args.JsonRestore()
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(**args))
-    model = nnx.merge(graphdef, state.params)
-    for name in items:
-        target = (
-            model
-            if name == "ranker" and not isinstance(model, SourceModel)
-            else getattr(model, name)
-        )
-        nnx.update(target, restored[name])
+    for name, module in modules.items():
+        nnx.update(module, restored[name])
     _, params = nnx.split(model, nnx.Param)
     opt = restored["opt_state"]
     return TrainState(opt["step"], params, opt["opt"]), restored["data"]
+
+
+def _abstract(module: nnx.Module):
+    """Shape/dtype skeleton of a module's parameters: the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module, nnx.Param))
 
 
 def restore_module(directory, name: str, module: nnx.Module, step: int | None = None):
@@ -185,9 +178,8 @@ def restore_module(directory, name: str, module: nnx.Module, step: int | None = 
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}: run the earlier stage")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module, nnx.Param))
         restored = mngr.restore(
-            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
+            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(module))})
         )
     nnx.update(module, restored[name])
     return step
@@ -196,26 +188,31 @@ def restore_module(directory, name: str, module: nnx.Module, step: int | None = 
 # -- the loop ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Progress:
-    """Prints stage, step, examples/s and ETA to stderr at most every `every_s` seconds."""
+    """Prints stage, step, examples/s and ETA to stderr at most every `every_s` seconds.
+
+    Rates count from the first update, so the compile of the first step is not in them.
+    """
 
     stage: str
     total_steps: int
     batch_size: int
     every_s: float = 5.0
-    _t0: float = dataclasses.field(default_factory=time.monotonic)
+    _origin: tuple[float, int] | None = None
     _last: float = 0.0
 
-    def update(self, step: int, metrics: dict[str, float], start_step: int = 0, force=False):
+    def update(self, step: int, metrics: dict[str, float], force=False):
         now = time.monotonic()
-        if not force and now - self._last < self.every_s:
+        if self._origin is None:
+            self._origin = (now, step)
+        elif not force and now - self._last < self.every_s:
             return
         self._last = now
-        done = max(step - start_step, 1)
-        rate = done * self.batch_size / max(now - self._t0, 1e-9)
-        eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
+        t0, step0 = self._origin
+        rate = (step - step0) * self.batch_size / max(now - t0, 1e-9)
+        eta = f"{(self.total_steps - step) * self.batch_size / rate:.0f}s" if rate else "?"
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         print(
-            f"[{self.stage}] step {step}/{self.total_steps} {rate:.0f} ex/s ETA {eta:.0f}s {shown}",
+            f"[{self.stage}] step {step}/{self.total_steps} {rate:.0f} ex/s ETA {eta} {shown}",
             file=sys.stderr,
             flush=True,
         )
@@ -263,13 +260,13 @@ def fit(
         state, metrics = train_step(state, to_device(next(data)))
         if pending is not None:  # Fetch metrics one step late so the device never idles.
             last = _check_finite(stage, step, jax.device_get(pending))
-            progress.update(step, last, start)
+            progress.update(step, last)
         pending = metrics
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.num_steps:
             save_checkpoint(mngr, graphdef, state, data.get_state())
     if pending is not None:
         last = _check_finite(stage, cfg.num_steps, jax.device_get(pending))
-        progress.update(cfg.num_steps, last, start, force=True)
+        progress.update(cfg.num_steps, last, force=True)
     if start < cfg.num_steps:
         save_checkpoint(mngr, graphdef, state, data.get_state())
     mngr.wait_until_finished()

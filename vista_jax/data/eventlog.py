@@ -29,6 +29,9 @@ UNKNOWN_CATEGORY = "<unknown>"
 PAD_ITEM = "<pad>"  # Placeholder raw id at dense item 0 when raw item ids are strings.
 PAD_ITEM_NUMERIC = -1  # Same placeholder when raw item ids are integers.
 MAX_RATING_ACTION = 5
+# Vocabulary sizes of the event features, shared by the data and every model (one place):
+NUM_ACTIONS = 8  # Action ids used: 0 pad, ratings 1..5, labels 1..2; the rest is headroom.
+NUM_GAP_BUCKETS = 16  # log2 buckets of the gap to the previous event (see `gap_buckets`).
 
 PathLike = str | pathlib.Path
 
@@ -109,7 +112,9 @@ class EventLog:
         return table
 
 
-def gap_buckets(time: np.ndarray, user_offsets: np.ndarray, num_buckets: int = 16) -> np.ndarray:
+def gap_buckets(
+    time: np.ndarray, user_offsets: np.ndarray, num_buckets: int = NUM_GAP_BUCKETS
+) -> np.ndarray:
     """Log2 bucket of the gap to the user's previous event, int32 [N].
 
     Bucket 0 marks a user's first event; otherwise `1 + floor(log2(1 + gap_seconds))`, clipped

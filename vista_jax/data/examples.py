@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from vista_jax.data.eventlog import gap_buckets
+from vista_jax.data.eventlog import NUM_GAP_BUCKETS, gap_buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ExampleSpec:
     num_negatives: int = 128  # Retrieval training: uniform negatives per request.
     train_candidates: int = 0  # Ranking training: candidates sampled per request (0 = all).
     num_items: int = 0
-    num_gap_buckets: int = 16
+    num_gap_buckets: int = NUM_GAP_BUCKETS
 
 
 def user_gaps(record, num_gap_buckets: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from vista_jax.data.eventlog import gap_buckets
+from vista_jax.data.eventlog import NUM_GAP_BUCKETS, gap_buckets
 from vista_jax.models import qla
 from vista_jax.models.summarizer import Summarizer
 
@@ -49,7 +49,7 @@ def update(
 
 
 def incremental_gaps(
-    last_time_B, has_history_B, new_time_BxN, new_valid_BxN, num_buckets: int = 16
+    last_time_B, has_history_B, new_time_BxN, new_valid_BxN, num_buckets: int = NUM_GAP_BUCKETS
 ) -> np.ndarray:
     """Gap buckets [B, N] of new events, the first measured from the last stored event.
 

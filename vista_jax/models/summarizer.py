@@ -63,17 +63,19 @@ class SummarizerLayer(nnx.Module):
         x = x + self.out(attended.reshape(attended.shape[:-2] + (-1,)))
         return x + self.ffn(self.ffn_norm(x))
 
-    def history(self, h, valid, state, form: str, chunk_size: int):
-        """Causal QLA over history rows h [B,L,D]; returns (new rows, final state)."""
+    def history(self, h, valid, state, form: str):
+        """Causal QLA over history rows h [B,L,D]; returns (new rows, final state).
+
+        `form` is "parallel", "recurrent", or "chunk_step" (one step of the chunked form: the
+        summarizer scans chunks through all layers itself, see `_chunked_states`).
+        """
         q, k, v = self.qkv(h)
         if form == "parallel":
             o, state = qla.qla_parallel(q, k, v, valid, state)
-        elif form == "chunk_step":  # one step of the chunked form (blocked, O(T * block))
-            o, state = qla.qla_chunk_step(state, q, k, v, valid)
         elif form == "recurrent":
             o, state = qla.qla_recurrent(q, k, v, valid, state)
         else:
-            o, state = qla.qla_chunked(q, k, v, valid, state, chunk_size)
+            o, state = qla.qla_chunk_step(state, q, k, v, valid)
         return self.finish(h, o), state
 
     def fold_state(self, h, valid, state: qla.QLAState) -> qla.QLAState:
@@ -128,7 +130,7 @@ class Summarizer(nnx.Module):
         h = self.embed(item, action, gap, category)
         new_states = []
         for layer, state in zip(self.layers[:-1], states[:-1], strict=True):
-            h, state = layer.history(h, valid, state, form, self.cfg.chunk_size)
+            h, state = layer.history(h, valid, state, form)
             new_states.append(state)
         new_states.append(self.layers[-1].fold_state(h, valid, states[-1]))
         return new_states
