@@ -28,7 +28,11 @@ def get_config(arg: str | None = None):
         train_candidates=0,
         eval_every=5,  # Users 0, 5, 10, ... are held out: 1600 users x 128 candidates.
     )
-    c.source = common.training(batch_size=64, num_steps=600, learning_rate=3e-3)
+    # One 32-wide head: ~10% faster steps than two 16-wide ones on CPU (measured).
+    c.summarizer.num_heads = 1
+    # The summarizer finds the dormant interests late: seed 0 held-out AUC of the source
+    # model was 0.735 after 600 steps and 0.82 after 1000 (oracle 0.83).
+    c.source = common.training(batch_size=64, num_steps=1000, learning_rate=3e-3)
     # The downstream ranker reads summaries, not 2k events: cheap steps, so more of them.
     c.downstream = common.training(batch_size=64, num_steps=600, learning_rate=3e-3)
     if arg.tiny:  # Smoke run: seconds, not minutes.
