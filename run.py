@@ -1,24 +1,77 @@
 """Entry point: parse flags and a config file, then run the pipeline (vista_jax.pipeline).
 
 python run.py --config=experiments/synthetic/config.py --workdir=/tmp/vista --mode=all
+
+Mistakes a user can fix (bad data, flags, config, cache, checkpoint) print as one line on
+stderr and exit with status 2; `--verbose` shows their traceback too.
 """
+
+import difflib
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vista_jax import pipeline
+from vista_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage reads and writes.")
 _MODE = flags.DEFINE_enum("mode", "all", pipeline.MODES, "Which stage(s) to run.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERROR_EXIT = 2
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def _config_keys(config, prefix=""):
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        yield name
+        if hasattr(value, "items"):
+            yield from _config_keys(value, name + ".")
+
+
+def _flag_error(error: Exception, argv) -> str:
+    """One line for a flag error; an unknown --config.x.y names the nearest valid key."""
+    text = " ".join(str(error).split())
+    bad = re.findall(r"--config\.([\w.]+)", " ".join(argv))
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None and bad:
+        keys = list(_config_keys(config))
+        for key in bad:
+            if key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                hint = f"; did you mean --config.{near[0]}?" if near else ""
+                return f"unknown config key --config.{key}{hint}"
+    return text
+
+
+def parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(_flag_error(e, argv))
+    except UserError as e:  # Raised while loading the config file (e.g. a variant typo).
+        _fail(str(e))
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-    pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    try:
+        pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except UserError as e:
+        if _VERBOSE.value:
+            raise
+        _fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,58 +1,91 @@
-"""Defaults shared by every experiment config (one place for the shared knobs)."""
+"""Defaults shared by every experiment config: the one place experiment-level knobs live.
+
+Model architecture defaults are the field defaults of `vista_jax.config.SummarizerConfig` and
+`RankerConfig` (read here, not repeated); training, cache, mesh and evaluation defaults are
+below. Values derived from others (warmup, checkpoint cadence) are left unset here and
+computed by `vista_jax.config.from_config_dict` after flag overrides.
+"""
+
+import dataclasses
+import difflib
 
 import ml_collections
+from ml_collections import config_dict
+
+from vista_jax.config import DERIVED_FIELDS, RankerConfig, SummarizerConfig
+from vista_jax.errors import ConfigError
+
+_TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_value(key: str, value: str, default):
+    if isinstance(default, bool):
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ConfigError(f"config variant '{key}={value}': expected true or false")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ConfigError(
+            f"config variant '{key}={value}': expected a {type(default).__name__}"
+        ) from None
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-    """`variant` or `key=value,key2=value2` after the ':' of --config=path:arg."""
-    out = ml_collections.ConfigDict(defaults)
+    """The variant after ':' of --config=path:arg: `tiny`, `tiny=false`, `key=value,...`.
+
+    An unknown variant is refused with the valid ones (a typo must not silently run the full
+    experiment).
+    """
+    out = dict(defaults)
     for part in filter(None, (arg or "").split(",")):
         key, _, value = part.partition("=")
-        if not value:
-            out[key] = True
-        else:
-            out[key] = type(defaults[key])(value) if key in defaults else value
-    return out
+        if key not in defaults:
+            near = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(
+                f"unknown config variant '{key}' in ':{arg}'; {hint}valid variants: "
+                + ", ".join(sorted(defaults))
+            )
+        out[key] = _parse_value(key, value, defaults[key])
+    return ml_collections.ConfigDict(out)
 
 
 def training(batch_size, num_steps, learning_rate, warmup_steps=None):
+    """A training stage; warmup (10%) and checkpoint cadence (half-way) derive from num_steps."""
     return ml_collections.ConfigDict(
         dict(
             batch_size=batch_size,
             num_steps=num_steps,
             learning_rate=learning_rate,
-            warmup_steps=warmup_steps if warmup_steps is not None else max(1, num_steps // 10),
+            warmup_steps=config_dict.placeholder(int) if warmup_steps is None else warmup_steps,
             weight_decay=1e-4,
             grad_clip=1.0,
-            checkpoint_every=max(1, num_steps // 2),
+            checkpoint_every=config_dict.placeholder(int),
+            keep_checkpoints=2,
         )
+    )
+
+
+def model_defaults(cls) -> ml_collections.ConfigDict:
+    """The configurable fields of a model config dataclass, at their defaults."""
+    return ml_collections.ConfigDict(
+        {
+            f.name: f.default
+            for f in dataclasses.fields(cls)
+            if f.name not in DERIVED_FIELDS and f.default is not dataclasses.MISSING
+        }
     )
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.summarizer = ml_collections.ConfigDict(
-        dict(
-            d_model=32,
-            num_heads=2,
-            num_layers=2,
-            num_seeds=16,
-            sglu_hidden=64,
-            attention="qla",
-            chunk_size=256,
-            recon_window=64,
-            recon_weight=1.0,
-        )
-    )
-    c.ranker = ml_collections.ConfigDict(
-        dict(
-            d_model=32,
-            num_heads=2,
-            num_layers=1,
-            mlp_hidden=64,
-        )
-    )
+    c.summarizer = model_defaults(SummarizerConfig)
+    c.ranker = model_defaults(RankerConfig)
+    c.ranker.num_layers = 1  # Stage 2 over a few dozen tokens: one block is enough here.
     c.cache = ml_collections.ConfigDict(dict(quantization="int8", chunk_rows=64, batch_size=64))
     # Logical axis -> mesh axis. Item tables shard rows over `model`; batches over `data`.
     c.mesh = ml_collections.ConfigDict(
@@ -69,5 +102,5 @@ def base_config() -> ml_collections.ConfigDict:
             ),
         )
     )
-    c.eval_batch_size = 64
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64, split="test"))
     return c

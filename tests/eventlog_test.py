@@ -1,4 +1,7 @@
-"""Tests for vista_jax.data.eventlog: validation, dense ids, stable sort, loaders, errors."""
+"""Tests for vista_jax.data.eventlog, .loaders and .features: validation, dense ids, stable sort,
+loaders, options, errors. The catalogue of bad input files is tests/bad_inputs_test.py."""
+
+import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +10,9 @@ import pytest
 from data_env import real_data_dir
 
 from vista_jax.data import eventlog as el
-from vista_jax.data.eventlog import EventLogError
+from vista_jax.data import features, loaders
+from vista_jax.data.eventlog import EventLogError, EventLogOptions
+from vista_jax.errors import ConfigError, DataError
 
 # --- from_columns ----------------------------------------------------------------------------
 
@@ -79,12 +84,75 @@ def test_categories_are_dense_with_unknown_zero():
         (dict(user=[1], item=[1], time=[1], label=[1], rating=[1]), "both rating and label"),
         (dict(user=[1, None], item=[1, 2], time=[1, 2]), "row 2: empty user"),
         (dict(user=[1, 1], item=[3, 3], time=[1, 2], category=["a", "b"]), "row 2: item 3"),
+        (dict(user=[1, 2], item=[1, 2], time=[1, -2]), "row 2: timestamp -2 is negative"),
+        (dict(user=[1], item=[1], time=[1_600_000_000_000]), "looks like milliseconds"),
+        (dict(user=[1, 2], item=[1, 2], time=[1, 2], rating=[1, 9]), "row 2: rating 9 is outside"),
+        (dict(user=[1, 2], item=[1, 2], time=[1, 2], rating=[True, False]), "holds booleans"),
+        (dict(user=[1, 2], item=["item_2", "2"], time=[1, 2]), "'item_2' (row 1) and '2' (row 2)"),
+        (dict(user=[1, 1], item=[1, 1], time=[1, 1], label=[1, 1]), "row 2, a copy of row 1"),
     ],
 )
 def test_from_columns_rejects_bad_input(columns, message):
     with pytest.raises(EventLogError, match="<arrays>") as error:
-        el.from_columns(**columns)
-    assert message in str(error.value)
+        el.from_columns(**columns, options=EventLogOptions(duplicates="error"))
+    assert message in str(error.value) and "Fix: " in str(error.value)
+
+
+def test_event_log_error_is_a_data_error():
+    assert issubclass(EventLogError, DataError) and issubclass(EventLogError, ValueError)
+
+
+def test_time_unit_ms_converts_to_seconds_and_sorts_at_full_resolution():
+    ms = EventLogOptions(time_unit="ms")
+    log = el.from_columns(
+        [1, 1, 1], [1, 2, 3], [1_600_000_000_900, 1_600_000_000_100, 5], options=ms
+    )
+    np.testing.assert_array_equal(log.time, [0, 1_600_000_000, 1_600_000_000])
+    np.testing.assert_array_equal(log.raw_item_ids[log.item], [3, 2, 1])  # 100 ms before 900 ms.
+
+
+def test_rating_scale_maps_linearly_onto_actions():
+    default = el.from_columns(
+        [1] * 5, [1, 2, 3, 4, 5], [1, 2, 3, 4, 5], rating=[1, 1.5, 2.4, 4.5, 5]
+    )
+    np.testing.assert_array_equal(default.action, [1, 2, 2, 5, 5])  # Half up, as before.
+    half_stars = EventLogOptions(rating_scale=(0.5, 5))
+    log = el.from_columns([1] * 3, [1, 2, 3], [1, 2, 3], rating=[0.5, 2.75, 5], options=half_stars)
+    np.testing.assert_array_equal(log.action, [1, 3, 5])
+    np.testing.assert_array_equal(log.rating, [0.5, 2.75, 5])
+
+
+def test_duplicates_are_dropped_and_reported_kept_or_refused(capsys):
+    columns = dict(user=[1, 1, 1, 2, 1], item=[5, 6, 5, 5, 5], time=[3, 3, 3, 3, 3])
+    dropped = el.from_columns(**columns, rating=[4, 4, 4, 4, 2])  # Row 5 differs in rating.
+    assert dropped.num_events == 4
+    np.testing.assert_array_equal(dropped.raw_item_ids[dropped.item], [5, 6, 5, 5])
+    err = capsys.readouterr().err
+    assert "dropped 1 exact duplicate event(s)" in err and "row 3, a copy of row 1" in err
+    keep = el.from_columns(**columns, options=EventLogOptions(duplicates="keep"))
+    assert keep.num_events == 5 and capsys.readouterr().err == ""
+    with pytest.raises(EventLogError, match="2 exact duplicate event"):
+        el.from_columns(**columns, options=EventLogOptions(duplicates="error"))
+
+
+def test_mixed_id_forms_are_accepted_on_request():
+    options = EventLogOptions(allow_mixed_ids=True)
+    log = el.from_columns([1, 2], ["B00X", "0439"], [1, 2], options=options)
+    np.testing.assert_array_equal(log.raw_item_ids[1:], ["0439", "B00X"])
+
+
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        (dict(time_unit="h"), "data.time_unit"),
+        (dict(duplicates="first"), "data.duplicates"),
+        (dict(rating_scale=(5, 1)), "data.rating_scale"),
+        (dict(rating_scale=(1, 2, 3)), "data.rating_scale"),
+    ],
+)
+def test_bad_options_are_config_errors(options, key):
+    with pytest.raises(ConfigError, match=key):
+        EventLogOptions(**options)
 
 
 # --- gap buckets -----------------------------------------------------------------------------
@@ -94,8 +162,10 @@ def test_gap_buckets_known_values():
     time = np.array([100, 100, 101, 104, 1100, 5], np.int64)
     offsets = np.array([0, 5, 6])
     # Gaps 0, 1, 3, 996 -> 1 + floor(log2(1 + gap)) = 1, 2, 3, 10; first events -> 0.
-    np.testing.assert_array_equal(el.gap_buckets(time, offsets), [0, 1, 2, 3, 10, 0])
-    np.testing.assert_array_equal(el.gap_buckets(time, offsets, num_buckets=4), [0, 1, 2, 3, 3, 0])
+    np.testing.assert_array_equal(features.gap_buckets(time, offsets), [0, 1, 2, 3, 10, 0])
+    np.testing.assert_array_equal(
+        features.gap_buckets(time, offsets, num_buckets=4), [0, 1, 2, 3, 3, 0]
+    )
 
 
 def test_gap_buckets_match_scalar_reference():
@@ -108,7 +178,7 @@ def test_gap_buckets_match_scalar_reference():
         times = time[offsets[u] : offsets[u + 1]].tolist()
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         expected += [0] + [min(1 + (1 + g).bit_length() - 1, 15) for g in gaps]
-    np.testing.assert_array_equal(el.gap_buckets(time, offsets), expected)
+    np.testing.assert_array_equal(features.gap_buckets(time, offsets), expected)
 
 
 # --- loaders ---------------------------------------------------------------------------------
@@ -123,7 +193,7 @@ def test_load_movielens_1m(tmp_path):
     _write(tmp_path / "ratings.dat", "2::20::5::300\n1::10::3::200\n1::30::4::100\n1::20::1::200\n")
     movies = "10::Amélie (2001)::Comedy|Romance\n20::Alien: Resurrection::Sci-Fi\n"
     _write(tmp_path / "movies.dat", movies, encoding="latin-1")
-    log = el.load_movielens_1m(tmp_path)
+    log = loaders.load_movielens_1m(tmp_path)
     np.testing.assert_array_equal(log.raw_user_ids, [1, 2])
     np.testing.assert_array_equal(log.raw_item_ids, [el.PAD_ITEM_NUMERIC, 10, 20, 30])
     np.testing.assert_array_equal(log.raw_item_ids[log.item], [30, 10, 20, 20])  # Tie: file order.
@@ -134,7 +204,7 @@ def test_load_movielens_1m(tmp_path):
 
 def test_load_movielens_1m_without_movies(tmp_path):
     _write(tmp_path / "ratings.dat", "1::10::3::200\n")
-    log = el.load_event_log("movielens_1m", tmp_path)
+    log = loaders.load_event_log("movielens_1m", tmp_path)
     assert log.num_categories == 0 and log.category.tolist() == [0]
 
 
@@ -152,7 +222,7 @@ RECBOLE_ITEM = (
 def test_load_recbole_atomic(tmp_path):
     _write(tmp_path / "toy.inter", RECBOLE_INTER)
     _write(tmp_path / "toy.item", RECBOLE_ITEM)
-    log = el.load_event_log("recbole_atomic", tmp_path / "toy.inter")
+    log = loaders.load_event_log("recbole_atomic", tmp_path / "toy.inter")
     np.testing.assert_array_equal(log.raw_user_ids, ["u1", "u2"])
     np.testing.assert_array_equal(log.raw_item_ids[1:], [9, 10])  # Numeric tokens: by value.
     np.testing.assert_array_equal(log.raw_item_ids[log.item], [10, 9, 10])
@@ -169,7 +239,7 @@ def test_load_csv_table_with_labels_and_categories(tmp_path):
         "a,y,1,0,,?\n"
         "b,x,1,0,News,?\n"
     )
-    log = el.load_table(_write(tmp_path / "events.csv", text))
+    log = loaders.load_table(_write(tmp_path / "events.csv", text))
     np.testing.assert_array_equal(log.raw_item_ids[log.item], ["y", "x", "x"])
     np.testing.assert_array_equal(log.action, [1, 2, 1])
     np.testing.assert_array_equal(log.label, [0, 1, 0])
@@ -183,7 +253,7 @@ def test_load_parquet_table(tmp_path):
         {"user": [3, 1, 3], "item": [7, 7, 8], "timestamp": [5, 6, 4], "rating": [1.0, 2.0, 3.0]}
     )
     pq.write_table(table, tmp_path / "events.parquet")
-    log = el.load_event_log("table", tmp_path / "events.parquet")
+    log = loaders.load_event_log("table", tmp_path / "events.parquet")
     np.testing.assert_array_equal(log.raw_user_ids[log.user], [1, 3, 3])
     np.testing.assert_array_equal(log.time, [6, 4, 5])
     np.testing.assert_array_equal(log.action, [2, 3, 1])
@@ -219,20 +289,69 @@ def test_malformed_files_name_file_and_line(tmp_path, filename, text, message):
     path = _write(tmp_path / filename, text)
     kind = {".dat": "movielens_1m", ".inter": "recbole_atomic", ".csv": "table"}[path.suffix]
     with pytest.raises(EventLogError) as error:
-        el.load_event_log(kind, path if kind != "movielens_1m" else tmp_path)
+        loaders.load_event_log(kind, path if kind != "movielens_1m" else tmp_path)
     assert message in str(error.value)
+
+
+def test_csv_byte_order_mark_is_accepted(tmp_path):
+    path = _write(tmp_path / "e.csv", "\ufeffuser,item,timestamp\nu1,x,2\nu1,y,1\n")
+    log = loaders.load_table(path)
+    np.testing.assert_array_equal(log.raw_user_ids, ["u1"])
+    np.testing.assert_array_equal(log.raw_item_ids[log.item], ["y", "x"])
+
+
+def _parquet(path, **columns):
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_parquet_timestamp_columns_become_seconds(tmp_path, unit):
+    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    raw = [1_600_000_001 * per_second + per_second // 2, 1_600_000_001 * per_second]
+    stamps = pa.array(raw, pa.timestamp(unit, tz="UTC" if unit == "ms" else None))
+    path = _parquet(tmp_path / "e.parquet", user=[1, 1], item=[1, 2], timestamp=stamps)
+    log = loaders.load_table(path)
+    np.testing.assert_array_equal(log.time, [1_600_000_001] * 2)
+    # Sorted at full resolution: the earlier sub-second event first.
+    expected = [2, 1] if unit != "s" else [1, 2]
+    np.testing.assert_array_equal(log.raw_item_ids[log.item], expected)
+
+
+def test_parquet_dates_dictionary_strings_bool_labels_and_numeric_strings(tmp_path):
+    dates = pa.array([datetime.date(2020, 1, 2), datetime.date(2020, 1, 1)], pa.date32())
+    users = pa.array(["a", "b"]).dictionary_encode()  # E.g. a pandas categorical.
+    path = _parquet(tmp_path / "d.parquet", user=users, item=[1, 2], timestamp=dates,
+                    label=[True, False])  # fmt: skip
+    log = loaders.load_table(path)
+    np.testing.assert_array_equal(log.raw_user_ids, ["a", "b"])
+    np.testing.assert_array_equal(log.time, [1577923200, 1577836800])
+    np.testing.assert_array_equal(log.label, [1, 0])
+    path = _parquet(tmp_path / "s.parquet", user=[1], item=[1], timestamp=["881250949"])
+    np.testing.assert_array_equal(loaders.load_table(path).time, [881250949])
+
+
+def test_load_event_log_takes_options(tmp_path):
+    path = _write(tmp_path / "e.csv", "user,item,timestamp\n1,2,1600000000000\n")
+    with pytest.raises(EventLogError, match="time_unit=ms"):
+        loaders.load_event_log("table", path)
+    for options in (EventLogOptions(time_unit="ms"), None):
+        if options is None:
+            path = _write(tmp_path / "e.csv", "user,item,timestamp\n1,2,1600000000\n")
+        assert loaders.load_event_log("table", path, options).time.tolist() == [1_600_000_000]
+    assert set(loaders.LOADERS) == {"movielens_1m", "recbole_atomic", "table"}
 
 
 def test_missing_files_and_unknown_kinds_are_explained(tmp_path):
     with pytest.raises(EventLogError, match="ratings.dat not found"):
-        el.load_movielens_1m(tmp_path)
+        loaders.load_movielens_1m(tmp_path)
     with pytest.raises(EventLogError, match="unknown table suffix '.json'"):
-        el.load_table(_write(tmp_path / "e.json", "{}"))
+        loaders.load_table(_write(tmp_path / "e.json", "{}"))
     with pytest.raises(EventLogError, match="unknown event log kind 'avro'"):
-        el.load_event_log("avro", tmp_path)
+        loaders.load_event_log("avro", tmp_path)
     pq.write_table(pa.table({"user": [1], "item": [2]}), tmp_path / "e.parquet")
     with pytest.raises(EventLogError, match=r"missing column\(s\) \['timestamp'\]"):
-        el.load_table(tmp_path / "e.parquet")
+        loaders.load_table(tmp_path / "e.parquet")
 
 
 # --- real data -------------------------------------------------------------------------------
@@ -246,7 +365,7 @@ def _check_sorted(log):
 
 
 def test_real_movielens_1m():
-    log = el.load_movielens_1m(real_data_dir("ml-1m"))
+    log = loaders.load_movielens_1m(real_data_dir("ml-1m"))
     assert (log.num_events, log.num_users, log.num_items) == (1_000_209, 6_040, 3_706)
     assert log.num_categories == 18 and np.all(log.category > 0)
     assert np.bincount(log.action).tolist() == [0, 56_174, 107_557, 261_197, 348_971, 226_310]
@@ -254,6 +373,6 @@ def test_real_movielens_1m():
 
 
 def test_real_movielens_100k():
-    log = el.load_event_log("recbole_atomic", real_data_dir("ml-100k"))
+    log = loaders.load_event_log("recbole_atomic", real_data_dir("ml-100k"))
     assert (log.num_events, log.num_users, log.num_items) == (100_000, 943, 1_682)
     _check_sorted(log)

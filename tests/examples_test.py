@@ -1,8 +1,10 @@
 """Point-in-time examples: a summary never covers the request or anything after it."""
 
 import numpy as np
+import pytest
 
 from vista_jax.data import examples as ex
+from vista_jax.errors import DataError
 
 
 def _record(n=50, seed=0):
@@ -56,6 +58,33 @@ def test_leave_one_out_splits():
     assert train.tolist() == [[0, 1], [0, 2]]
     assert ex.retrieval_requests(lengths, "valid").tolist() == [[0, 3], [1, 1]]
     assert ex.retrieval_requests(lengths, "test").tolist() == [[0, 4], [1, 2]]
+
+
+def test_short_users_are_left_out_of_every_split_and_pairs_name_their_user():
+    lengths = np.array([5, 2, 6])  # User 1 has too few events for leave-one-out.
+    train = ex.retrieval_requests(lengths, "train")
+    assert train.tolist() == [[0, 1], [0, 2], [2, 1], [2, 2], [2, 3]]
+    valid, test = ex.retrieval_requests(lengths, "valid"), ex.retrieval_requests(lengths, "test")
+    # (user, t) pairs, not one row per user: row 1 is user 2, and user 1 appears nowhere.
+    assert valid.tolist() == [[0, 3], [2, 4]] and test.tolist() == [[0, 4], [2, 5]]
+    for pairs in (train, valid, test):
+        assert 1 not in pairs[:, 0] and pairs.dtype == np.int64
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_no_user_long_enough_is_a_data_error(split):
+    with pytest.raises(DataError, match=r"3 user\(s\) but none with at least 3 events") as error:
+        ex.retrieval_requests(np.array([2, 1, 2]), split)
+    assert "Fix:" in str(error.value)
+    with pytest.raises(DataError, match="0 user"):
+        ex.retrieval_requests(np.array([], np.int64), split)
+
+
+def test_no_training_request_is_a_data_error():
+    lengths = np.array([3, 3, 1])  # Valid and test exist, but t in [1, n-3] is empty.
+    assert ex.retrieval_requests(lengths, "test").tolist() == [[0, 2], [1, 2]]
+    with pytest.raises(DataError, match=r"no training request.*>= 4 events"):
+        ex.retrieval_requests(lengths, "train")
 
 
 def test_ranking_example_samples_candidates_only_when_training():

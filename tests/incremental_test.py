@@ -6,15 +6,16 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
+from vista_jax import cache
 from vista_jax.config import SummarizerConfig
-from vista_jax.data.eventlog import gap_buckets
+from vista_jax.data.features import NUM_GAP_BUCKETS, gap_buckets
 from vista_jax.models import incremental
 from vista_jax.models.summarizer import Summarizer
-from vista_jax.store import SummaryStore
+from vista_jax.store import SummaryStore, SummaryStoreError
 
 OLD = [30, 0, 17, 9]  # events already summarized per user (user 1 has none yet)
 NEW = [6, 5, 0, 11]  # events arriving later (user 2 gets none)
-NUM_GAPS = 16
+NUM_GAPS = NUM_GAP_BUCKETS
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_update_equals_recompute(model):
 def test_states_round_trip_through_the_store_then_update(model):
     users = _user_events(seed=2)
     states, summary, last_time = _initial_build(model, users)
-    extras = {**incremental.states_to_arrays(states), incremental.LAST_TIME: last_time}
+    extras = {**cache.states_to_arrays(states), cache.LAST_TIME: last_time}
     root, context = {"driver": "memory", "path": "cache/"}, ts.Context()
     SummaryStore.write_version(
         root, version="v1", summaries=np.asarray(summary), coverage=np.array(OLD),
@@ -118,8 +119,8 @@ def test_states_round_trip_through_the_store_then_update(model):
         context=context,
     )  # fmt: skip
     store = SummaryStore.open(root, context=context)
-    assert set(store.extra_names) == {*incremental.states_to_arrays(states), "last_time"}
-    stored, stored_time = incremental.read_states(store, np.arange(len(OLD)), num_layers=2)
+    assert set(store.extra_names) == {*cache.states_to_arrays(states), "last_time"}
+    stored, stored_time = cache.read_states(store, np.arange(len(OLD)), num_layers=2)
     np.testing.assert_array_equal(stored_time, last_time)
     has_history = stored[0].count > 0
     item, action, gap, valid, time = _new_events(users, stored_time, has_history)
@@ -132,5 +133,5 @@ def test_states_round_trip_through_the_store_then_update(model):
 
 def test_missing_layer_is_a_clear_error():
     arrays = {"state_l0_kv": np.zeros((1, 2, 8, 8)), "state_l0_count": np.zeros(1)}
-    with pytest.raises(KeyError, match="lack layer 1"):
-        incremental.arrays_to_states(arrays, num_layers=2)
+    with pytest.raises(SummaryStoreError, match="lack layer 1"):
+        cache.arrays_to_states(arrays, num_layers=2)

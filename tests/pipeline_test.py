@@ -9,11 +9,10 @@ import pytest
 from flax import nnx
 
 from experiments.synthetic import config as synthetic_config
-from vista_jax import pipeline
-from vista_jax.config import summarizer_config
-from vista_jax.models import incremental
+from vista_jax import cache, pipeline
+from vista_jax.checkpoints import restore_module
+from vista_jax.config import from_config_dict
 from vista_jax.models.summarizer import Summarizer
-from vista_jax.train import restore_module
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,8 @@ def test_source_on_cache_matches_source_within_int8_error(tiny_run):
 
 def test_checkpoint_restores_the_summarizer_item_alone(tiny_run):
     config, workdir, _ = tiny_run
-    data = pipeline.load_data(config, workdir)
-    cfg = summarizer_config(config, data.num_items, data.num_categories)
+    typed = from_config_dict(config)
+    cfg = typed.summarizer_for(pipeline.load_data(typed, workdir))
     a, b = Summarizer(cfg, nnx.Rngs(1)), Summarizer(cfg, nnx.Rngs(2))
     step = restore_module(workdir / "source", "summarizer", a)
     restore_module(workdir / "source", "summarizer", b)
@@ -76,12 +75,13 @@ def test_cache_from_another_summarizer_is_refused(tiny_run):
 
 def test_cache_holds_states_that_reproduce_the_summaries(tiny_run):
     config, workdir, _ = tiny_run
-    data = pipeline.load_data(config, workdir)
-    store = pipeline.open_cache(config, workdir, data)
-    cfg = summarizer_config(config, data.num_items, data.num_categories)
+    typed = from_config_dict(config)
+    data = pipeline.load_data(typed, workdir)
+    cfg = typed.summarizer_for(data)
+    store = cache.open_cache(workdir, cfg, data)
     summarizer = Summarizer(cfg, nnx.Rngs(0))
     restore_module(workdir / "source", "summarizer", summarizer)
     rows = np.arange(4)
-    states, _ = incremental.read_states(store, rows, cfg.num_layers)
+    states, _ = cache.read_states(store, rows, cfg.num_layers)
     cached = store.read(rows).summaries
     np.testing.assert_allclose(summarizer.readout(states), cached, atol=0.05)

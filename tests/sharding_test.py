@@ -18,9 +18,11 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.synthetic import config as syn
 from vista_jax import pipeline, sharding, train
+from vista_jax.config import from_config_dict
 from vista_jax.data import examples
 from vista_jax.data import synthetic as S
 from vista_jax.models import layers
+from vista_jax.models.source import make_loss_fn
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "source_model_sharding.txt"
 NUM_ITEMS = 67  # 68 table rows: divisible by the 4-way `model` axis.
@@ -56,7 +58,7 @@ def _item_category() -> np.ndarray:
 
 def _source_model(cfg):
     vocab = types.SimpleNamespace(num_items=NUM_ITEMS, num_categories=S.num_categories(DATA))
-    return pipeline.build_source_model(cfg, vocab, seed=0)
+    return pipeline.build_source_model(from_config_dict(cfg), vocab, seed=0)
 
 
 def test_golden_sharding_table(cfg, mesh):
@@ -95,7 +97,7 @@ def test_sharded_step_matches_single_device(cfg, mesh):
     # gradients (e.g. attention key biases) into lr-sized updates, so it cannot be compared.
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
     graphdef, state = train.init_train_state(_source_model(cfg), tx)
-    step_fn = train.make_train_step(graphdef, tx, train.make_loss_fn("ranking", 1.0))
+    step_fn = train.make_train_step(graphdef, tx, make_loss_fn("ranking", 1.0))
     batch = _batch()
     want_state, want_loss = _run(jax.jit(step_fn), state, batch)
 

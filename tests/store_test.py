@@ -7,22 +7,23 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from vista_jax.errors import UserError
 from vista_jax.store import (
+    RowBlock,
     SummaryStore,
     SummaryStoreError,
-    UserBlock,
     dequantize_int8,
     quantize_int8,
 )
 
-U, K, D = 150, 4, 8
+R, K, D = 150, 4, 8
 
 
-def _summaries(num_users=U, seed=0) -> np.ndarray:
+def _summaries(num_rows=R, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    # Rows of very different magnitudes: one scale per token row must cope with all of them.
-    row_scale = 10.0 ** rng.uniform(-3, 2, size=(num_users, K, 1))
-    return (rng.standard_normal((num_users, K, D)) * row_scale).astype(np.float32)
+    # Tokens of very different magnitudes: one scale per token must cope with all of them.
+    token_scale = 10.0 ** rng.uniform(-3, 2, size=(num_rows, K, 1))
+    return (rng.standard_normal((num_rows, K, D)) * token_scale).astype(np.float32)
 
 
 def _write(root, version="v1", summaries=None, context=None, **kwargs):
@@ -50,19 +51,19 @@ def _assert_int8_bound(x, deq, scale):
 # --------------------------------------------------------------------------- quantization
 
 
-def test_quantize_int8_error_bound_and_zero_rows():
+def test_quantize_int8_error_bound_and_zero_tokens():
     x = _summaries()
     x[3, 1] = 0.0
     q, scale = quantize_int8(x)
-    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (U, K)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (R, K)
     deq = dequantize_int8(q, scale)
     _assert_int8_bound(x, deq, scale)
     assert np.all(deq[3, 1] == 0.0)
-    assert np.abs(q).max() == 127  # the largest element of each row uses the full range
+    assert np.abs(q).max() == 127  # each token's largest element uses the full range
 
 
 def test_quantize_int8_on_jax_arrays_matches_numpy():
-    x = _summaries(num_users=5)
+    x = _summaries(num_rows=5)
     q_np, s_np = quantize_int8(x)
     q_jx, s_jx = quantize_int8(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(q_jx), q_np)
@@ -76,8 +77,10 @@ def test_int8_round_trip_local_path(tmp_path):
     x = _summaries()
     manifest = _write(tmp_path / "store", summaries=x)
     store = SummaryStore.open(tmp_path / "store", expected_config_hash="cfg-a")
-    assert (store.version, store.num_users, store.k, store.d) == ("v1", U, K, D)
+    assert (store.version, store.num_rows, store.k, store.d) == ("v1", R, K, D)
     assert manifest["summarizer_step"] == 7 and manifest["quantization"] == "int8"
+    assert (manifest["num_rows"], manifest["chunk_rows"]) == (R, 64)
+    assert "num_users" not in manifest and "chunk_users" not in manifest
     ids = np.array([149, 0, 77, 77])
     batch = store.read(ids)
     assert batch.summaries.dtype == np.float32 and batch.present.all()
@@ -91,7 +94,7 @@ def test_bf16_and_float_round_trip(memory_root, quantization):
     x = _summaries()
     _write(root, summaries=x, quantization=quantization, context=context)
     store = SummaryStore.open(root, context=context)
-    got = store.read(np.arange(U)).summaries
+    got = store.read(np.arange(R)).summaries
     if quantization == "none":
         np.testing.assert_array_equal(got, x)
     else:  # bfloat16 keeps 8 significant bits: relative error <= 2^-8 after rounding
@@ -101,13 +104,13 @@ def test_bf16_and_float_round_trip(memory_root, quantization):
     )
 
 
-def test_absent_and_out_of_range_users_read_as_zeros(memory_root):
+def test_absent_and_out_of_range_rows_read_as_zeros(memory_root):
     root, context = memory_root
     written = np.array([1, 3, 5])
-    x = _summaries(num_users=3) + 1.0
+    x = _summaries(num_rows=3) + 1.0
     state = np.ones((3, 2), np.float32)
     _write(
-        root, summaries=x, user_ids=written, num_users=10, context=context,
+        root, summaries=x, row_ids=written, num_rows=10, context=context,
         extra_arrays={"state_l0": state},
     )  # fmt: skip
     store = SummaryStore.open(root, context=context)
@@ -119,7 +122,7 @@ def test_absent_and_out_of_range_users_read_as_zeros(memory_root):
     np.testing.assert_array_equal(
         store.read_extra("state_l0", np.array([0, 1, 10])), [[0, 0], [1, 1], [0, 0]]
     )
-    with pytest.raises(ValueError, match="negative user id"):
+    with pytest.raises(ValueError, match="negative row id"):
         store.read(np.array([2, -1]))
     assert store.read(np.array([], np.int64)).summaries.shape == (0, K, D)
 
@@ -136,14 +139,14 @@ def test_extra_arrays_round_trip(memory_root):
     root, context = memory_root
     rng = np.random.default_rng(1)
     extras = {
-        "state_l0": rng.standard_normal((U, 2, 3, 5)).astype(np.float32),
-        "count_l0": rng.integers(0, 1000, U).astype(np.int64),
+        "state_l0": rng.standard_normal((R, 2, 3, 5)).astype(np.float32),
+        "count_l0": rng.integers(0, 1000, R).astype(np.int64),
     }
     manifest = _write(root, extra_arrays=extras, context=context)
-    assert manifest["extra_arrays"]["state_l0"] == {"shape": [U, 2, 3, 5], "dtype": "float32"}
+    assert manifest["extra_arrays"]["state_l0"] == {"shape": [R, 2, 3, 5], "dtype": "float32"}
     store = SummaryStore.open(root, context=context)
     assert set(store.extra_names) == set(extras)
-    ids = np.array([10, 0, 149, U + 5])
+    ids = np.array([10, 0, 149, R + 5])
     for name, values in extras.items():
         got = store.read_extra(name, ids)
         np.testing.assert_array_equal(got[:3], values[ids[:3]])
@@ -155,32 +158,32 @@ def test_extra_arrays_round_trip(memory_root):
 def test_blockwise_write_matches_whole_array_write(memory_root):
     root, context = memory_root
     x = _summaries()
-    state = np.arange(U * 6, dtype=np.float32).reshape(U, 6)
-    # Blocks of 37 users (not chunk aligned), in shuffled order, ids within a block unsorted.
-    order = np.random.default_rng(2).permutation(U)
+    state = np.arange(R * 6, dtype=np.float32).reshape(R, 6)
+    # Blocks of 37 rows (not chunk aligned), in shuffled order, ids within a block unsorted.
+    order = np.random.default_rng(2).permutation(R)
 
     def blocks():
-        for start in range(0, U, 37):
+        for start in range(0, R, 37):
             ids = order[start : start + 37]
-            yield UserBlock(ids, x[ids], ids * 3, {"state_l0": state[ids]})
+            yield RowBlock(ids, x[ids], ids * 3, {"state_l0": state[ids]})
 
-    _write(root, summaries=blocks(), coverage=None, num_users=U, chunk_users=16, context=context)
+    _write(root, summaries=blocks(), coverage=None, num_rows=R, chunk_rows=16, context=context)
     store = SummaryStore.open(root, context=context)
-    batch = store.read(np.arange(U))
+    batch = store.read(np.arange(R))
     assert batch.present.all()
     _assert_int8_bound(x, batch.summaries, quantize_int8(x)[1])
-    np.testing.assert_array_equal(batch.coverage, np.arange(U) * 3)
-    np.testing.assert_array_equal(store.read_extra("state_l0", np.arange(U)), state)
+    np.testing.assert_array_equal(batch.coverage, np.arange(R) * 3)
+    np.testing.assert_array_equal(store.read_extra("state_l0", np.arange(R)), state)
 
 
 def test_bad_blocks_are_refused(memory_root):
     root, context = memory_root
-    bad = _summaries(num_users=4)
+    bad = _summaries(num_rows=4)
     bad[2, 0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         _write(root, summaries=bad, context=context)
-    with pytest.raises(ValueError, match=r"user ids must lie in \[0, 4\)"):
-        _write(root, summaries=_summaries(3), user_ids=np.array([0, 1, 4]), num_users=4,
+    with pytest.raises(ValueError, match=r"row ids must lie in \[0, 4\)"):
+        _write(root, summaries=_summaries(3), row_ids=np.array([0, 1, 4]), num_rows=4,
                context=context)  # fmt: skip
 
 
@@ -200,6 +203,14 @@ def test_nothing_published_is_refused(memory_root):
         SummaryStore.open(root, context=context)
 
 
+def test_store_errors_are_user_errors(memory_root):
+    # The command line prints a UserError as one line instead of a traceback.
+    root, context = memory_root
+    assert issubclass(SummaryStoreError, UserError)
+    with pytest.raises(UserError, match="no summary version is published"):
+        SummaryStore.open(root, context=context)
+
+
 def test_corrupt_or_missing_manifest_is_refused(memory_root):
     root, context = memory_root
     _write(root, context=context)
@@ -211,6 +222,17 @@ def test_corrupt_or_missing_manifest_is_refused(memory_root):
         SummaryStore.open(root, context=context)
     kvstore.write("versions/v1/manifest.json", json.dumps({"version": "v1"}).encode()).result()
     with pytest.raises(SummaryStoreError, match="corrupt or of another format"):
+        SummaryStore.open(root, context=context)
+
+
+def test_user_keyed_format_1_manifest_is_refused(memory_root):
+    root, context = memory_root
+    manifest = _write(root, context=context)
+    old = {k: v for k, v in manifest.items() if k not in ("num_rows", "chunk_rows")}
+    old |= {"format_version": 1, "num_users": R, "chunk_users": 64}
+    kvstore = ts.KvStore.open(root, context=context).result()
+    kvstore.write("versions/v1/manifest.json", json.dumps(old).encode()).result()
+    with pytest.raises(SummaryStoreError, match=r"format_version 1, this reader reads 2\)"):
         SummaryStore.open(root, context=context)
 
 
@@ -230,20 +252,20 @@ def test_failed_write_leaves_old_version_current(tmp_path):
     _write(root, summaries=x1, quantization="none")
 
     def failing_blocks():
-        yield UserBlock(np.arange(64), _summaries(seed=2)[:64], np.zeros(64, np.int64))
+        yield RowBlock(np.arange(64), _summaries(seed=2)[:64], np.zeros(64, np.int64))
         raise RuntimeError("summarizer crashed")
 
     with pytest.raises(RuntimeError, match="summarizer crashed"):
-        _write(root, version="v2", summaries=failing_blocks(), coverage=None, num_users=U)
+        _write(root, version="v2", summaries=failing_blocks(), coverage=None, num_rows=R)
     store = SummaryStore.open(root)
     assert store.version == "v1"
-    np.testing.assert_array_equal(store.read(np.arange(U)).summaries, x1)
+    np.testing.assert_array_equal(store.read(np.arange(R)).summaries, x1)
     with pytest.raises(SummaryStoreError, match="'v2' .* is not published"):
         SummaryStore.open(root, version="v2")
     # A retry under the same id replaces the unpublished leftovers.
     x2 = _summaries(seed=3)
     _write(root, version="v2", summaries=x2, quantization="none")
-    np.testing.assert_array_equal(SummaryStore.open(root).read(np.arange(U)).summaries, x2)
+    np.testing.assert_array_equal(SummaryStore.open(root).read(np.arange(R)).summaries, x2)
 
 
 def test_new_version_becomes_current_only_when_published(memory_root):
@@ -253,14 +275,14 @@ def test_new_version_becomes_current_only_when_published(memory_root):
     seen_during_write = []
 
     def blocks():
-        for start in range(0, U, 50):
+        for start in range(0, R, 50):
             # Mid-build, readers still get v1 and v2 has no manifest.
             seen_during_write.append(SummaryStore.open(root, context=context).version)
-            ids = np.arange(start, min(start + 50, U))
-            yield UserBlock(ids, x2[ids], ids)
+            ids = np.arange(start, min(start + 50, R))
+            yield RowBlock(ids, x2[ids], ids)
 
     manifest = _write(
-        root, version="v2", summaries=blocks(), coverage=None, num_users=U, context=context
+        root, version="v2", summaries=blocks(), coverage=None, num_rows=R, context=context
     )
     assert seen_during_write == ["v1"] * 3
     assert SummaryStore.open(root, context=context).manifest == manifest

@@ -5,7 +5,9 @@ import pytest
 from data_env import real_data_dir
 
 from vista_jax.data import eventlog as el
+from vista_jax.data import loaders
 from vista_jax.data import tfds_builders as tb
+from vista_jax.errors import DataError
 
 
 def _small_log() -> el.EventLog:
@@ -135,6 +137,12 @@ def test_bad_records_are_rejected(tmp_path, record, message):
         tb.build_sequence_dataset("bad_seq", lambda: [record], tmp_path, fingerprint="fp")
 
 
+def test_sequence_dataset_error_is_a_data_error():
+    # run.py prints a UserError as one line and exits 2; a bad dataset request is one.
+    assert issubclass(tb.SequenceDatasetError, DataError)
+    assert issubclass(tb.SequenceDatasetError, ValueError)
+
+
 def test_bad_names_are_rejected(tmp_path):
     with pytest.raises(tb.SequenceDatasetError, match="snake_case"):
         tb.build_sequence_dataset("Bad-Name", list, tmp_path, fingerprint="fp")
@@ -143,7 +151,7 @@ def test_bad_names_are_rejected(tmp_path):
 
 
 def test_real_movielens_100k_round_trip(tmp_path):
-    log = el.load_event_log("recbole_atomic", real_data_dir("ml-100k"))
+    log = loaders.load_event_log("recbole_atomic", real_data_dir("ml-100k"))
     path = tb.build_sequence_dataset(
         "ml100k_seq",
         lambda: tb.event_log_records(log),

@@ -1,4 +1,10 @@
-"""Typed, frozen model configuration: the one boundary where ConfigDicts become dataclasses.
+"""Typed, frozen configuration: the one boundary where a ConfigDict becomes dataclasses.
+
+`from_config_dict(config_dict)` turns an experiment's `ml_collections.ConfigDict` (defaults in
+`experiments/common.py`, flag overrides applied) into an `ExperimentConfig`. Unknown keys and
+bad values raise `ConfigError` naming the key and the nearest valid one; values derived from
+others (warmup, checkpoint cadence) are computed here, *after* every override. Library code
+takes these dataclasses, never the ConfigDict.
 
 Dimension letters used across the code base:
   B batch, L history, R recent events, C candidates, K seeds, D model width,
@@ -8,13 +14,26 @@ Dimension letters used across the code base:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import difflib
+from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
+from vista_jax.data import datasets
+from vista_jax.data.eventlog import EventLogOptions
+from vista_jax.data.features import NUM_ACTIONS, NUM_GAP_BUCKETS
+from vista_jax.data.synthetic import SyntheticConfig
+from vista_jax.errors import ConfigError
+from vista_jax.fingerprints import config_hash  # noqa: F401  (re-exported for callers)
 
-from vista_jax.data.eventlog import NUM_ACTIONS, NUM_GAP_BUCKETS
+ATTENTIONS = ("qla", "softmax")
+QUANTIZATIONS = ("int8", "bf16", "none")
+EVAL_SPLITS = ("valid", "test")
+
+
+def _positive(section: str, **values):
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"config key '{section}.{name}' must be >= 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +55,23 @@ class SummarizerConfig:
     recon_weight: float = 1.0
 
     def __post_init__(self):
+        _positive(
+            "summarizer",
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            num_seeds=self.num_seeds,
+            sglu_hidden=self.sglu_hidden,
+            chunk_size=self.chunk_size,
+            recon_window=self.recon_window,
+        )
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            raise ConfigError(
+                f"config key 'summarizer.d_model' ({self.d_model}) must be divisible by "
+                f"'summarizer.num_heads' ({self.num_heads})"
             )
-        if self.attention not in ("qla", "softmax"):
-            raise ValueError(f"attention must be 'qla' or 'softmax', got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(_choice("summarizer.attention", self.attention, ATTENTIONS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,34 +89,204 @@ class RankerConfig:
     num_recent: int = 32
     summary_dim: int = 32  # Width of the summary tokens it reads; 0 = no summaries (recent only).
 
+    def __post_init__(self):
+        _positive("ranker", d_model=self.d_model, num_heads=self.num_heads)
+        _positive("ranker", num_layers=self.num_layers, mlp_hidden=self.mlp_hidden)
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"config key 'ranker.d_model' ({self.d_model}) must be divisible by "
+                f"'ranker.num_heads' ({self.num_heads})"
+            )
+
     @property
     def use_summaries(self) -> bool:
         return self.summary_dim > 0
 
 
-def summarizer_config(
-    cfg: ml_collections.ConfigDict, num_items: int, num_categories: int = 0
-) -> SummarizerConfig:
-    return SummarizerConfig(
-        num_items=num_items, num_categories=num_categories, **cfg.summarizer.to_dict()
+# Filled from the data (or the summarizer), never from the config file.
+VOCAB_FIELDS = ("num_items", "num_actions", "num_gap_buckets", "num_categories")
+DERIVED_FIELDS = VOCAB_FIELDS + ("num_recent", "summary_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training stage (`source` or `downstream`)."""
+
+    batch_size: int
+    num_steps: int
+    learning_rate: float
+    warmup_steps: int  # Derived: num_steps // 10 unless set.
+    weight_decay: float
+    grad_clip: float
+    checkpoint_every: int  # Derived: num_steps // 2 unless set.
+    keep_checkpoints: int  # Latest steps kept; an older good one survives a corrupt latest.
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    quantization: str  # int8 | bf16 | none
+    chunk_rows: int  # Rows per storage chunk.
+    batch_size: int  # Rows summarized per device call.
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    rules: tuple[tuple[str, Any], ...]  # Logical axis -> mesh axis (or None).
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int
+    split: str  # valid | test
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs, typed and validated."""
+
+    seed: int
+    data: datasets.DataConfig
+    summarizer: SummarizerConfig  # Vocabulary fields are 0 until `summarizer_for(data)`.
+    ranker: RankerConfig
+    source: TrainConfig
+    downstream: TrainConfig
+    cache: CacheConfig
+    mesh: MeshConfig
+    eval: EvalConfig
+
+    def summarizer_for(self, data: datasets.SequenceData) -> SummarizerConfig:
+        return dataclasses.replace(
+            self.summarizer, num_items=data.num_items, num_categories=data.num_categories
+        )
+
+    def ranker_for(self, data: datasets.SequenceData, summary_dim: int) -> RankerConfig:
+        return dataclasses.replace(
+            self.ranker,
+            num_items=data.num_items,
+            num_categories=data.num_categories,
+            num_recent=self.data.num_recent,
+            summary_dim=summary_dim,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- the boundary ----------------------------------------------------------------------------
+def _choice(key: str, value, valid) -> str:
+    near = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"config key '{key}' must be one of {tuple(valid)}, got {value!r}{hint}"
+
+
+def _unknown(key: str, valid) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    hint = f"did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+    return ConfigError(
+        f"unknown config key '{key}'; {hint or 'valid keys: ' + ', '.join(sorted(valid))}"
     )
 
 
-def ranker_config(
-    cfg: ml_collections.ConfigDict, num_items: int, *, summary_dim: int, num_categories: int = 0
-) -> RankerConfig:
-    return RankerConfig(
-        num_items=num_items,
-        num_categories=num_categories,
-        num_recent=cfg.data.num_recent,
-        summary_dim=summary_dim,
-        **cfg.ranker.to_dict(),
+def _check_keys(section: str, given: Mapping, valid, required=()) -> None:
+    for key in given:
+        if key not in valid:
+            raise _unknown(f"{section}.{key}" if section else key, valid)
+    for key in required:
+        if key not in given:
+            raise ConfigError(f"config key '{section}.{key}' is missing")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _section(cls, section: str, given: Mapping, **fixed):
+    """`cls(**given, **fixed)` with unknown keys named; missing keys take the field default.
+
+    Derived fields (vocabulary sizes, widths read from other stages) are never config keys.
+    """
+    fields = {n: f for n, f in _fields(cls).items() if n not in DERIVED_FIELDS}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    _check_keys(section, given, fields, required)
+    try:
+        return cls(**dict(given), **fixed)
+    except TypeError as e:
+        raise ConfigError(f"config section '{section}': {e}") from None
+
+
+def _train(section: str, given: Mapping) -> TrainConfig:
+    given = dict(given)
+    _check_keys(section, given, _fields(TrainConfig), ("batch_size", "num_steps", "learning_rate"))
+    _positive(section, batch_size=given["batch_size"], num_steps=given["num_steps"])
+    n = given["num_steps"]
+    derived = dict(warmup_steps=max(1, n // 10), checkpoint_every=max(1, n // 2))
+    for key, value in derived.items():
+        if given.get(key) is None:
+            given[key] = value
+    given.setdefault("keep_checkpoints", 2)
+    given.setdefault("weight_decay", 1e-4)
+    given.setdefault("grad_clip", 1.0)
+    if given["learning_rate"] <= 0:
+        raise ConfigError(f"config key '{section}.learning_rate' must be > 0")
+    _positive(section, checkpoint_every=given["checkpoint_every"])
+    _positive(section, keep_checkpoints=given["keep_checkpoints"])
+    return TrainConfig(**given)
+
+
+_DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir")
+_DATA_RANKING = ("train_candidates", "eval_every")
+_DATA_RETRIEVAL = ("path", "snapshot_every", "num_negatives", "max_eval_users")
+
+
+def _data(given: Mapping) -> datasets.DataConfig:
+    given = dict(given)
+    kind = given.get("kind")
+    if kind not in datasets.KINDS:
+        raise ConfigError(_choice("data.kind", kind, datasets.KINDS))
+    if kind == "synthetic":
+        generator = [n for n in _fields(SyntheticConfig) if n != "num_recent"]
+        _check_keys("data", given, _DATA_COMMON + _DATA_RANKING + tuple(generator))
+        syn = {k: given.pop(k) for k in generator if k in given}
+        synthetic = SyntheticConfig(num_recent=given["num_recent"], **syn)
+        return datasets.DataConfig(synthetic=synthetic, **given)
+    options = tuple(_fields(EventLogOptions))
+    _check_keys("data", given, _DATA_COMMON + _DATA_RETRIEVAL + options)
+    opts = {k: given.pop(k) for k in options if k in given}
+    if "rating_scale" in opts:
+        opts["rating_scale"] = tuple(opts["rating_scale"])
+    return datasets.DataConfig(log_options=EventLogOptions(**opts), **given)
+
+
+_TOP = ("seed", "data", "summarizer", "ranker", "source", "downstream", "cache", "mesh", "eval")
+
+
+def from_config_dict(config) -> ExperimentConfig:
+    """The boundary: a ConfigDict (or plain nested dict) -> a validated ExperimentConfig."""
+    if isinstance(config, ExperimentConfig):
+        return config
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    _check_keys("", raw, _TOP, _TOP)
+    zero_vocab = {"num_items": 0, "num_categories": 0}  # Filled in by summarizer_for/ranker_for.
+    cfg = ExperimentConfig(
+        seed=int(raw["seed"]),
+        data=_data(raw["data"]),
+        summarizer=_section(SummarizerConfig, "summarizer", raw["summarizer"], **zero_vocab),
+        ranker=_section(
+            RankerConfig, "ranker", raw["ranker"], num_recent=0, summary_dim=0, **zero_vocab
+        ),
+        source=_train("source", raw["source"]),
+        downstream=_train("downstream", raw["downstream"]),
+        cache=_section(CacheConfig, "cache", raw["cache"]),
+        mesh=_section(MeshConfig, "mesh", raw["mesh"]),
+        eval=_section(EvalConfig, "eval", raw["eval"]),
     )
-
-
-def config_hash(obj: Any) -> str:
-    """Stable short hash of a dataclass or dict (names a summarizer in the cache manifest)."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    if cfg.cache.quantization not in QUANTIZATIONS:
+        raise ConfigError(_choice("cache.quantization", cfg.cache.quantization, QUANTIZATIONS))
+    if cfg.eval.split not in EVAL_SPLITS:
+        raise ConfigError(_choice("eval.split", cfg.eval.split, EVAL_SPLITS))
+    _positive("eval", batch_size=cfg.eval.batch_size)
+    _positive("cache", chunk_rows=cfg.cache.chunk_rows, batch_size=cfg.cache.batch_size)
+    return cfg

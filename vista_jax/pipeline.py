@@ -11,181 +11,84 @@ Each stage reads only what earlier stages wrote; `train_ranker` never loads the 
 
 from __future__ import annotations
 
-import itertools
-import json
+import os
 import pathlib
 import sys
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vista_jax import metrics, sharding
-from vista_jax.config import config_hash, ranker_config, summarizer_config
-from vista_jax.data import datasets
-from vista_jax.data import examples as ex
-from vista_jax.models import incremental
+from vista_jax import cache, checkpoints, evaluation, metrics, sharding
+from vista_jax.config import ExperimentConfig, from_config_dict
+from vista_jax.data import datasets, inputs
+from vista_jax.errors import WorkdirError
+from vista_jax.fingerprints import git_commit
 from vista_jax.models.ranker import Ranker
-from vista_jax.models.summarizer import ReconstructionDecoder, Summarizer
-from vista_jax.store import SummaryStore, UserBlock
-from vista_jax.train import (
-    SourceModel,
-    fit,
-    make_loss_fn,
-    predict_batches,
-    restore_module,
-)
+from vista_jax.models.source import SourceModel, make_loss_fn
+from vista_jax.models.summarizer import Summarizer
+from vista_jax.train import fit
 
 MODES = ("train_source", "build_cache", "train_ranker", "evaluate", "all")
+RANKERS = ("downstream", "recent_only")  # Trained by train_ranker, each in its own dir.
+STAGES_FILE = "stages.json"  # Wall time and provenance of every stage run in this workdir.
 
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-# -- data -------------------------------------------------------------------------------------
-def load_data(config, workdir) -> datasets.SequenceData:
-    data_dir = config.data.get("data_dir") or pathlib.Path(workdir) / "data"
+def _dir(workdir, name: str) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / name
+
+
+# -- data and models --------------------------------------------------------------------------
+def load_data(config: ExperimentConfig, workdir) -> datasets.SequenceData:
+    data_dir = config.data.data_dir or pathlib.Path(workdir) / "data"
     return datasets.build(config.data, data_dir)
 
 
-def is_eval_user(user: int, config) -> bool:
-    """Ranking task: a fixed 1 in `eval_every` users is held out (never trained on)."""
-    return user % config.data.eval_every == 0
-
-
-def train_examples(data: datasets.SequenceData, config, seed: int) -> grain.MapDataset:
-    spec = data.spec
-    if spec.task == "ranking":
-        users = np.array([u for u in range(data.num_users) if not is_eval_user(u, config)])
-        ds = grain.MapDataset.source(users).shuffle(seed=seed).repeat()
-        return ds.random_map(
-            lambda u, rng: ex.ranking_example(
-                data.source[int(u)], spec, int(u), data.item_category, rng
-            ),
-            seed=seed,
-        )
-    pairs = ex.retrieval_requests(data.lengths, "train")
-    ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat()
-    return ds.random_map(
-        lambda p, rng: ex.retrieval_example(
-            data.source[int(p[0])],
-            spec,
-            int(p[1]),
-            int(data.row_offsets[p[0]]),
-            data.item_category,
-            rng,
-        ),
-        seed=seed,
-    )
-
-
-def eval_examples(data: datasets.SequenceData, config, split: str = "test") -> list:
-    spec = data.spec
-    if spec.task == "ranking":
-        return [
-            ex.ranking_example(data.source[u], spec, u, data.item_category)
-            for u in range(data.num_users)
-            if is_eval_user(u, config)
-        ]
-    pairs = ex.retrieval_requests(data.lengths, split)
-    users = np.arange(data.num_users)
-    if config.data.get("max_eval_users"):
-        users = users[: config.data.max_eval_users]
-    return [
-        ex.retrieval_example(
-            data.source[int(u)], spec, int(t), int(data.row_offsets[u]), data.item_category, None
-        )
-        for u, t in pairs[users]
-    ]
-
-
-def batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield ex.stack(items[i : i + size])
-
-
-def mesh_and_rules(config):
-    """The configured device mesh, or (None, None) for one device (the CPU default)."""
-    if int(np.prod(config.mesh.shape)) <= 1:
-        return None, None
+def mesh_and_rules(config: ExperimentConfig):
+    """The configured device mesh (1x1 on one device) and its logical-axis rules."""
     return sharding.make_mesh(config.mesh.shape, config.mesh.axes), config.mesh.rules
 
 
-def _model_keys(batch: dict, drop_history: bool) -> dict:
-    skip = ("hist_",) if drop_history else ()
-    return {
-        k: v
-        for k, v in batch.items()
-        if not k.startswith(skip) and k not in ("seen_item", "snapshot")
-    }
+def build_source_model(config: ExperimentConfig, data, seed: int) -> SourceModel:
+    """`data` needs `num_items` and `num_categories` (a SequenceData or a stand-in)."""
+    scfg = config.summarizer_for(data)
+    return SourceModel.create(scfg, config.ranker_for(data, scfg.d_model), seed)
 
 
-# -- models -----------------------------------------------------------------------------------
-def build_source_model(config, data: datasets.SequenceData, seed: int) -> SourceModel:
-    scfg = summarizer_config(config, data.num_items, data.num_categories)
-    rcfg = ranker_config(
-        config, data.num_items, summary_dim=scfg.d_model, num_categories=data.num_categories
-    )
-    rngs = nnx.Rngs(seed)
-    return SourceModel(
-        Summarizer(scfg, rngs), ReconstructionDecoder(scfg, rngs), Ranker(rcfg, rngs)
-    )
-
-
-def cache_hash(config, data: datasets.SequenceData) -> str:
-    """Names the summarizer *and* the data the cache rows index."""
-    scfg = summarizer_config(config, data.num_items, data.num_categories)
-    return config_hash({"summarizer": scfg, "data": data.fingerprint, "spec": data.spec})
-
-
-def with_summaries(store: SummaryStore):
-    """Host-side batch transform: cached summaries for each example's snapshot row."""
-
-    def add(batch):
-        read = store.read(batch["row"])
-        if np.any(read.present & (read.coverage != batch["snapshot"])):
-            raise ValueError(
-                "cache rows cover other events than the examples' snapshots: the cache was "
-                "built with another snapshot schedule; rebuild it (--mode=build_cache)"
-            )
-        return batch | {"summary": read.summaries, "summary_mask": read.present}
-
-    return add
+def build_ranker(config: ExperimentConfig, data, summary_dim: int, seed: int) -> Ranker:
+    return Ranker(config.ranker_for(data, summary_dim), nnx.Rngs(seed))
 
 
 # -- stages -----------------------------------------------------------------------------------
-def train_source(config, workdir, data: datasets.SequenceData | None = None) -> dict:
-    data = data or load_data(config, workdir)
+def train_source(config: ExperimentConfig, workdir, data) -> dict:
     model = build_source_model(config, data, config.seed)
     mesh, rules = mesh_and_rules(config)
-    ds = train_examples(data, config, config.seed).batch(config.source.batch_size)
-    loss_fn = make_loss_fn(data.spec.task, config.summarizer.recon_weight)
-    model, last = fit(
+    ds = inputs.train_examples(data, config.seed).batch(config.source.batch_size)
+    _, last = fit(
+        model.modules(),
+        make_loss_fn(data.spec.task, config.summarizer.recon_weight),
+        iter(ds),
+        config.source,
+        _dir(workdir, "source"),
+        mesh,
+        rules,
         stage="train_source",
-        model=model,
-        loss_fn=loss_fn,
-        data=iter(ds),
-        cfg=config.source,
-        workdir=pathlib.Path(workdir).absolute() / "source",
-        items=("summarizer", "decoder", "ranker"),
-        mesh=mesh,
-        rules=rules,
-        to_device=lambda b: _model_keys(b, drop_history=False),
+        to_device=lambda b: inputs.model_inputs(b, drop_history=False),
     )
     return last
 
 
-def build_cache(config, workdir, data: datasets.SequenceData | None = None) -> dict:
+def build_cache(config: ExperimentConfig, workdir, data) -> dict:
     """Frozen summarizer over every (user, snapshot) row -> a new published cache version."""
-    data = data or load_data(config, workdir)
-    summarizer = Summarizer(
-        summarizer_config(config, data.num_items, data.num_categories), nnx.Rngs(0)
-    )
-    step = restore_module(pathlib.Path(workdir).absolute() / "source", "summarizer", summarizer)
+    scfg = config.summarizer_for(data)
+    summarizer = Summarizer(scfg, nnx.Rngs(0))
+    step = checkpoints.restore_module(_dir(workdir, "source"), "summarizer", summarizer)
     graphdef, params = nnx.split(summarizer)
 
     @jax.jit
@@ -201,213 +104,156 @@ def build_cache(config, workdir, data: datasets.SequenceData | None = None) -> d
         )
         return summary, aux["states"]
 
-    # States extend exactly only if the summary window holds the whole prefix (synthetic);
-    # with a sliding window (ML-1M's 200 events) a refresh recomputes the window instead.
-    last_snapshot = max(int(data.snapshots(u)[-1]) for u in range(data.num_users))
-    keep_states = last_snapshot <= data.spec.history_window
-
-    def rows():
-        """(row id, snapshot, last covered time, summarizer input); each record read once."""
-        for u in range(data.num_users):
-            record = data.source[u]
-            gaps = ex.user_gaps(record, data.spec.num_gap_buckets)
-            for j, s in enumerate(data.snapshots(u)):
-                last_time = record["time"][s - 1] if s else 0
-                hist = ex.history_arrays(record, gaps, s, data.spec)
-                yield data.row_offsets[u] + j, s, last_time, hist
-
-    def blocks():
-        size, t0, done = config.cache.batch_size, time.monotonic(), 0
-        it = rows()
-        while chunk := list(itertools.islice(it, size)):
-            row_ids, coverage, last_time, hists = zip(*chunk, strict=True)
-            n = len(chunk)
-            hist = {
-                k: np.pad(v, [(0, size - n)] + [(0, 0)] * (v.ndim - 1))  # One shape.
-                for k, v in ex.stack(hists).items()
-            }
-            summary, states = summarize(params, hist)
-            extras = None
-            if keep_states and states is not None:
-                # Per-layer QLA states and the last covered event's time beside the summaries,
-                # so a refresh folds in only new events (vista_jax.models.incremental).
-                extras = {k: v[:n] for k, v in incremental.states_to_arrays(states).items()}
-                extras[incremental.LAST_TIME] = np.array(last_time, np.int64)
-            done += n
-            rate = done / max(time.monotonic() - t0, 1e-9)
-            _log(f"[build_cache] rows {done}/{data.num_rows} {rate:.0f} rows/s")
-            yield UserBlock(
-                np.array(row_ids), np.asarray(summary)[:n], np.array(coverage, np.int64), extras
-            )
-
     version = f"v{step:08d}-{int(time.time())}"
-    manifest = SummaryStore.write_version(
-        str(pathlib.Path(workdir).absolute() / "cache"),
+    manifest = cache.SummaryStore.write_version(
+        cache.cache_root(workdir),
         version=version,
-        summaries=blocks(),
-        num_users=data.num_rows,
-        config_hash=cache_hash(config, data),
+        summaries=cache.row_blocks(data, lambda h: summarize(params, h), config.cache.batch_size),
+        num_rows=data.num_rows,
+        config_hash=cache.cache_hash(scfg, data),
         summarizer_step=step,
         quantization=config.cache.quantization,
-        chunk_users=config.cache.chunk_rows,
+        chunk_rows=config.cache.chunk_rows,
         coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"},
     )
     _log(f"[build_cache] published {version}: {data.num_rows} rows")
     return manifest
 
 
-def open_cache(config, workdir, data) -> SummaryStore:
-    return SummaryStore.open(
-        str(pathlib.Path(workdir).absolute() / "cache"),
-        expected_config_hash=cache_hash(config, data),
-    )
-
-
-def build_ranker(config, data: datasets.SequenceData, summary_dim: int, seed: int) -> Ranker:
-    rcfg = ranker_config(
-        config, data.num_items, summary_dim=summary_dim, num_categories=data.num_categories
-    )
-    return Ranker(rcfg, nnx.Rngs(seed))
-
-
-def train_ranker(config, workdir, data: datasets.SequenceData | None = None) -> dict:
+def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     """Downstream ranker from the cache alone, and the recent-only baseline."""
-    data = data or load_data(config, workdir)
-    store = open_cache(config, workdir, data)
-    loss_fn = make_loss_fn(data.spec.task)
+    store = cache.open_cache(workdir, config.summarizer_for(data), data)
     mesh, rules = mesh_and_rules(config)
     out = {}
-    for name, dim in (("downstream", store.d), ("recent_only", 0)):
-        ds = train_examples(data, config, config.seed + 1).batch(config.downstream.batch_size)
+    for name in RANKERS:
+        dim = store.d if name == "downstream" else 0
+        meta = {"cache_version": store.version if dim else None}
+        directory = _dir(workdir, name)
+        cache.require_version(store, checkpoints.read_meta(directory).get("cache_version"), name)
+        ds = inputs.train_examples(data, config.seed + 1).batch(config.downstream.batch_size)
         if dim:
-            ds = ds.map(with_summaries(store))
+            ds = ds.map(cache.with_summaries(store))
         _, out[name] = fit(
+            {"ranker": build_ranker(config, data, dim, config.seed)},
+            make_loss_fn(data.spec.task),
+            iter(ds),
+            config.downstream,
+            directory,
+            mesh,
+            rules,
             stage=f"train_{name}",
-            model=build_ranker(config, data, dim, config.seed),
-            loss_fn=loss_fn,
-            data=iter(ds),
-            cfg=config.downstream,
-            workdir=pathlib.Path(workdir).absolute() / name,
-            items=("ranker",),
-            mesh=mesh,
-            rules=rules,
-            to_device=lambda b: _model_keys(b, drop_history=True),
+            to_device=lambda b: inputs.model_inputs(b, drop_history=True),
+            meta=meta,
         )
     return out
 
 
-# -- evaluation -------------------------------------------------------------------------------
 def _restore_ranker(config, workdir, name, data, dim) -> Ranker:
     ranker = build_ranker(config, data, dim, 0)
-    restore_module(pathlib.Path(workdir).absolute() / name, "ranker", ranker)
+    checkpoints.restore_module(_dir(workdir, name), "ranker", ranker)
     return ranker
 
 
-def evaluate(config, workdir, data: datasets.SequenceData | None = None) -> dict:
-    data = data or load_data(config, workdir)
-    store = open_cache(config, workdir, data)
-    split = config.get("eval_split", "test")
-    items = eval_examples(data, config, split)
-    size = config.eval_batch_size
+def evaluate(config: ExperimentConfig, workdir, data) -> dict:
+    store = cache.open_cache(workdir, config.summarizer_for(data), data)
+    downstream_meta = checkpoints.read_meta(_dir(workdir, "downstream"))
+    cache.require_version(store, downstream_meta.get("cache_version"), "vista_downstream")
+    items = inputs.eval_examples(data, config.eval.split)
     source = build_source_model(config, data, 0)
-    restore_module(pathlib.Path(workdir).absolute() / "source", "summarizer", source.summarizer)
-    restore_module(pathlib.Path(workdir).absolute() / "source", "ranker", source.ranker)
-    raw = list(batches(items, size))
-    cached = [with_summaries(store)(b) for b in raw]  # One store read, two models use it.
+    source_step = checkpoints.restore_module(
+        _dir(workdir, "source"), "summarizer", source.summarizer
+    )
+    checkpoints.restore_module(_dir(workdir, "source"), "ranker", source.ranker, step=source_step)
+    raw = list(inputs.batches(items, config.eval.batch_size))
+    cached = [cache.with_summaries(store)(b) for b in raw]  # One store read, two models use it.
+    full = lambda b: inputs.model_inputs(b, drop_history=False)  # noqa: E731
+    no_hist = lambda b: inputs.model_inputs(b, drop_history=True)  # noqa: E731
     runs = {
-        "vista_source": (source, raw, lambda b: _model_keys(b, False)),
-        "vista_source_on_cache": (source.ranker, cached, lambda b: _model_keys(b, True)),
-        "vista_downstream": (
-            _restore_ranker(config, workdir, "downstream", data, store.d),
-            cached,
-            lambda b: _model_keys(b, True),
-        ),
-        "recent_only": (
-            _restore_ranker(config, workdir, "recent_only", data, 0),
-            raw,
-            lambda b: _model_keys(b, True),
-        ),
-    }
+        "vista_source": (source, raw, full),
+        "vista_source_on_cache": (source.ranker, cached, no_hist),
+        "vista_downstream": (_restore_ranker(config, workdir, "downstream", data, store.d),
+                             cached, no_hist),
+        "recent_only": (_restore_ranker(config, workdir, "recent_only", data, 0), raw, no_hist),
+    }  # fmt: skip
     results = {
         "models": {},
-        "split": split,
+        "split": config.eval.split,
         "num_requests": len(items),
-        "cache": store.manifest["version"],
-        "quantization": store.manifest["quantization"],
+        "cache": {"version": store.version, "quantization": store.manifest["quantization"]},
     }
-    for name, (model, inputs, prep) in runs.items():
+    for name, (model, batches, prep) in runs.items():
         t0 = time.monotonic()
-        results["models"][name] = score(data, model, inputs, prep)
+        results["models"][name] = evaluation.score(data, model, batches, prep)
         _log(f"[evaluate] {name}: {results['models'][name]} ({time.monotonic() - t0:.1f}s)")
     if data.spec.task == "ranking":
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])
         results["oracle_auc"] = metrics.auc(labels, probs)
-    # Written whole, then renamed: a reader never sees a half-written results.json.
-    path = pathlib.Path(workdir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    tmp.replace(path)
     return results
 
 
-def score(data, model, batch_iter, prep) -> dict:
-    if data.spec.task == "ranking":
-        labels, logits, masks = [], [], []
-        for batch, out in predict_batches(model, batch_iter, prep):
-            labels.append(batch["cand_label"])
-            logits.append(out)
-            masks.append(batch["cand_mask"])
-        return metrics.binary_metrics(
-            np.concatenate(labels), np.concatenate(logits), np.concatenate(masks)
+# -- the driver -------------------------------------------------------------------------------
+STAGES = {
+    "train_source": train_source,
+    "build_cache": build_cache,
+    "train_ranker": train_ranker,
+    "evaluate": evaluate,
+}
+
+
+def check_workdir(workdir) -> None:
+    """Refuse a workdir that cannot be written *before* any work (and create nothing)."""
+    path = pathlib.Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise WorkdirError(f"--workdir {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(
+            f"--workdir {path} is not writable ({existing} denies write access); pick another"
         )
-    catalog = np.arange(1, data.num_items + 1, dtype=np.int32)
-
-    def with_catalog(b):
-        return prep(b) | {"cand_item": np.broadcast_to(catalog, (len(b["user"]), len(catalog)))}
-
-    ranks = []
-    for batch, out in predict_batches(model, batch_iter, with_catalog):
-        seen = np.zeros(out.shape, bool)
-        rows = np.repeat(np.arange(len(out)), batch["seen_item"].shape[1])
-        cols = batch["seen_item"].reshape(-1) - 1
-        keep = cols >= 0
-        seen[rows[keep], cols[keep]] = True
-        seen[np.arange(len(out)), batch["target_item"] - 1] = False
-        ranks.append(metrics.rank_of_target(out, batch["target_item"] - 1, seen))
-    return metrics.ranking_metrics(np.concatenate(ranks), ks=(10, 50, 200))
 
 
-def results_table(results: dict) -> str:
-    rows = []
-    for name, m in results["models"].items():
-        shown = "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
-        rows.append(f"{name:<24} {shown}")
-    if "oracle_auc" in results:
-        rows.append(f"{'oracle':<24} auc={results['oracle_auc']:.4f}")
-    return "\n".join(rows)
+def provenance(config: ExperimentConfig, workdir) -> dict:
+    stages = pathlib.Path(workdir) / STAGES_FILE
+    return {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "steps": {"source": config.source.num_steps, "downstream": config.downstream.num_steps},
+        "git_commit": git_commit(),
+        "stages": evaluation.read_json(stages) if stages.exists() else {},
+    }
 
 
 def train_and_evaluate(config, workdir, mode: str = "all") -> dict | None:
-    """Runs one stage, or all of them in order; returns the evaluation results if evaluated."""
+    """Runs one stage, or all of them in order; returns the evaluation results if evaluated.
+
+    `config` is an `ExperimentConfig` or a ConfigDict (converted at the typed boundary).
+    Inputs are validated before anything is created in the workdir.
+    """
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    stages = {
-        "train_source": train_source,
-        "build_cache": build_cache,
-        "train_ranker": train_ranker,
-        "evaluate": evaluate,
-    }
-    todo = list(stages) if mode == "all" else [mode]
+        raise WorkdirError(f"--mode must be one of {MODES}, got {mode!r}")
+    config = from_config_dict(config)
+    check_workdir(workdir)
     data = load_data(config, workdir)  # Once: every stage reads the same built dataset.
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    todo = list(STAGES) if mode == "all" else [mode]
     result = None
     for name in todo:
         t0 = time.monotonic()
         _log(f"== {name} ==")
-        result = stages[name](config, workdir, data)
+        result = STAGES[name](config, workdir, data)
+        _record_stage(workdir, name, time.monotonic() - t0)
         _log(f"== {name} done in {time.monotonic() - t0:.1f}s ==")
-    if "evaluate" in todo:
-        print(results_table(result))
-        return result
-    return None
+    if "evaluate" not in todo:
+        return None
+    result["provenance"] = provenance(config, workdir)
+    evaluation.write_json(pathlib.Path(workdir) / "results.json", result)
+    print(evaluation.results_table(result))
+    return result
+
+
+def _record_stage(workdir, name: str, seconds: float) -> None:
+    path = pathlib.Path(workdir) / STAGES_FILE
+    stages = evaluation.read_json(path) if path.exists() else {}
+    stages[name] = {"wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    evaluation.write_json(path, stages)

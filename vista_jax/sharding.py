@@ -1,4 +1,4 @@
-"""Logical axis names -> mesh shardings, at one boundary (DESIGN.md §5).
+"""Logical axis names -> mesh shardings, at one boundary (docs/ARCHITECTURE.md, Sharding).
 
 Model code names logical axes only (`vocab`, `embed`, `heads`, `mlp`, `seeds`, `batch`); the
 mesh shape and the rules `((logical, mesh_axis | tuple | None), ...)` are configuration.
@@ -24,8 +24,14 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
-    """A mesh with Auto (GSPMD) axis types over all (or the given) devices."""
+    """A mesh with Auto (GSPMD) axis types over all (or the given) devices.
+
+    A 1x1 mesh (the default) takes the first device: one device is a mesh too, so training
+    has one code path.
+    """
     devices = jax.devices() if devices is None else list(devices)
+    if math.prod(shape) == 1:
+        devices = devices[:1]
     if len(shape) != len(axes):
         raise ValueError(f"mesh shape {tuple(shape)} and axes {tuple(axes)} differ in length")
     if math.prod(shape) != len(devices):

@@ -1,4 +1,9 @@
-"""SummaryStore: versioned, quantized per-user summary cache on TensorStore zarr3.
+"""SummaryStore: versioned, quantized summary cache on TensorStore zarr3, one row per snapshot.
+
+A row holds one summary snapshot of one user: the summary of that user's history up to some
+event. The store knows only dense row ids in ``[0, num_rows)``; the caller maps each
+(user, snapshot) pair to its row id (``vista_jax.cache`` gives the j-th snapshot of user u
+row ``row_offsets[u] + j``).
 
 A store root is any TensorStore kvstore: a local path (the default), a URL such as
 ``"memory://"``, ``"gs://bucket/cache/"``, ``"s3://bucket/cache/"``, or a kvstore spec dict
@@ -8,13 +13,13 @@ same code serves every backend::
   CURRENT                              text: id of the published version
   versions/<version>/manifest.json     written last; its presence publishes the version
   versions/<version>/data/             one OCDBT database (few files) of zarr3 arrays:
-      summary    [U, K, D]  int8 | bfloat16 | float32   (quantization "int8" | "bf16" | "none")
-      scale      [U, K]     float32   int8 only: one symmetric scale per summary token
-      present    [U]        uint8     1 = user written; other rows read as absent (zeros)
-      coverage   [U]        int64     how many of the user's time-sorted events it covers
-      <extra>    [U, ...]   any       named per-user arrays (e.g. recurrent QLA states)
+      summary    [R, K, D]  int8 | bfloat16 | float32   (quantization "int8" | "bf16" | "none")
+      scale      [R, K]     float32   int8 only: one symmetric scale per summary token
+      present    [R]        uint8     1 = row written; other rows read as absent (zeros)
+      coverage   [R]        int64     how many of the row's user's time-sorted events it covers
+      <extra>    [R, ...]   any       named per-row arrays (e.g. recurrent QLA states)
 
-Arrays are chunked by blocks of ``chunk_users`` users.
+Arrays are chunked by blocks of ``chunk_rows`` rows.
 
 Atomicity rule: a version's arrays are written and committed first, then its manifest, then
 CURRENT, each a single kvstore write (temp file + rename with the file driver, one object PUT
@@ -37,7 +42,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
-FORMAT_VERSION = 1
+from vista_jax.errors import UserError
+
+FORMAT_VERSION = 2  # 2: row-based keys num_rows, chunk_rows (1 had num_users, chunk_users)
 QUANTIZATIONS = ("int8", "bf16", "none")
 LAYOUTS = ("ocdbt", "plain")
 _STORED_DTYPE = {"int8": "int8", "bf16": "bfloat16", "none": "float32"}
@@ -49,12 +56,12 @@ _MANIFEST_KEYS = (
     "created_at",
     "summarizer_step",
     "config_hash",
-    "num_users",
+    "num_rows",
     "k",
     "d",
     "quantization",
     "layout",
-    "chunk_users",
+    "chunk_rows",
     "coverage",
     "arrays",
     "extra_arrays",
@@ -63,21 +70,21 @@ _DEFAULT_CACHE_BYTES = 256 << 20
 _default_context: ts.Context | None = None
 
 
-class SummaryStoreError(Exception):
+class SummaryStoreError(UserError):
     """A store that cannot be used as asked: nothing published, corrupt, or mismatched."""
 
 
-class UserBlock(NamedTuple):
-    """Summaries of a block of users, the unit of a streaming cache build."""
+class RowBlock(NamedTuple):
+    """Summaries of a block of rows, the unit of a streaming cache build."""
 
-    user_ids: np.ndarray  # [b] int, distinct, in [0, num_users)
+    row_ids: np.ndarray  # [b] int, distinct, in [0, num_rows)
     summaries: np.ndarray  # [b, K, D] float32
-    coverage: np.ndarray  # [b] int64: events of each user the summary covers
+    coverage: np.ndarray  # [b] int64: events of the row's user the summary covers
     extras: Mapping[str, np.ndarray] | None = None  # name -> [b, ...]
 
 
 class SummaryBatch(NamedTuple):
-    """Result of `SummaryStore.read`; absent users have present False and zeros."""
+    """Result of `SummaryStore.read`; absent rows have present False and zeros."""
 
     summaries: np.ndarray  # [B, K, D] float32, dequantized
     present: np.ndarray  # [B] bool
@@ -85,7 +92,7 @@ class SummaryBatch(NamedTuple):
 
 
 def default_context() -> ts.Context:
-    """The process-wide context: one read cache, and the memory kvstore shared by all users."""
+    """The process-wide context: one read cache, and the memory kvstore shared by all stores."""
     global _default_context
     if _default_context is None:
         _default_context = ts.Context({"cache_pool": {"total_bytes_limit": _DEFAULT_CACHE_BYTES}})
@@ -105,10 +112,10 @@ def _namespace(x: Any):
 
 
 def quantize_int8(x_KxD):
-    """Symmetric int8 with one scale per row: x [..., K, D] -> (q int8, scale f32 [..., K]).
+    """Symmetric int8 with one scale per token: x [..., K, D] -> (q int8, scale f32 [..., K]).
 
-    scale = max|x| / 127, so |x - q * scale| <= scale / 2. All-zero rows get scale 1 (no
-    division by zero) and still dequantize to exactly 0.
+    scale = max|x| / 127 over a token's D values, so |x - q * scale| <= scale / 2. All-zero
+    tokens get scale 1 (no division by zero) and still dequantize to exactly 0.
     """
     xp = _namespace(x_KxD)
     x = xp.asarray(x_KxD, dtype=xp.float32)
@@ -236,61 +243,61 @@ def _read_manifest(base: ts.KvStore, version: str, where: str) -> dict:
 
 
 def _as_blocks(
-    summaries, coverage, extra_arrays, user_ids, num_users, block_users
-) -> tuple[Iterable[UserBlock], int]:
-    """Whole arrays -> blocks of users; an iterable of UserBlock passes through."""
+    summaries, coverage, extra_arrays, row_ids, num_rows, block_rows
+) -> tuple[Iterable[RowBlock], int]:
+    """Whole arrays -> blocks of rows; an iterable of RowBlock passes through."""
     if not isinstance(summaries, np.ndarray) and not hasattr(summaries, "__array__"):
-        if coverage is not None or extra_arrays is not None or user_ids is not None:
-            raise ValueError("with block input, coverage/extras/user ids go inside each UserBlock")
-        if num_users is None:
-            raise ValueError("num_users is required when summaries is an iterable of UserBlock")
-        return summaries, num_users
+        if coverage is not None or extra_arrays is not None or row_ids is not None:
+            raise ValueError("with block input, coverage/extras/row ids go inside each RowBlock")
+        if num_rows is None:
+            raise ValueError("num_rows is required when summaries is an iterable of RowBlock")
+        return summaries, num_rows
     summaries = np.asarray(summaries)
     if coverage is None:
-        raise ValueError("coverage [U] is required: it stamps what each summary covers")
-    if user_ids is None:
-        user_ids = np.arange(len(summaries))
-    if num_users is None:
-        num_users = int(np.max(user_ids)) + 1 if len(user_ids) else 0
+        raise ValueError("coverage [N] is required: it stamps what each summary covers")
+    if row_ids is None:
+        row_ids = np.arange(len(summaries))
+    if num_rows is None:
+        num_rows = int(np.max(row_ids)) + 1 if len(row_ids) else 0
     extras = dict(extra_arrays or {})
 
-    def blocks() -> Iterator[UserBlock]:
-        for start in range(0, len(summaries), block_users):
-            rows = slice(start, start + block_users)
-            block_extras = {name: np.asarray(a)[rows] for name, a in extras.items()}
-            yield UserBlock(
-                np.asarray(user_ids)[rows],
-                summaries[rows],
-                np.asarray(coverage)[rows],
+    def blocks() -> Iterator[RowBlock]:
+        for start in range(0, len(summaries), block_rows):
+            part = slice(start, start + block_rows)
+            block_extras = {name: np.asarray(a)[part] for name, a in extras.items()}
+            yield RowBlock(
+                np.asarray(row_ids)[part],
+                summaries[part],
+                np.asarray(coverage)[part],
                 block_extras,
             )
 
-    return blocks(), num_users
+    return blocks(), num_rows
 
 
-def _array_schema(block: UserBlock, num_users: int, quantization: str) -> dict[str, tuple]:
+def _array_schema(block: RowBlock, num_rows: int, quantization: str) -> dict[str, tuple]:
     """Name -> (shape, dtype) of every array of a version, from its first block."""
     if block.summaries.ndim != 3:
         raise ValueError(f"summaries must be [b, K, D], got shape {block.summaries.shape}")
     _, k, d = block.summaries.shape
     schema = {
-        "summary": ((num_users, k, d), np.dtype(ts.dtype(_STORED_DTYPE[quantization]).numpy_dtype)),
-        "present": ((num_users,), np.dtype(np.uint8)),
-        "coverage": ((num_users,), np.dtype(np.int64)),
+        "summary": ((num_rows, k, d), np.dtype(ts.dtype(_STORED_DTYPE[quantization]).numpy_dtype)),
+        "present": ((num_rows,), np.dtype(np.uint8)),
+        "coverage": ((num_rows,), np.dtype(np.int64)),
     }
     if quantization == "int8":
-        schema["scale"] = ((num_users, k), np.dtype(np.float32))
+        schema["scale"] = ((num_rows, k), np.dtype(np.float32))
     for name, values in (block.extras or {}).items():
         _check_name("extra array name", name)
         if name in _CORE_ARRAYS:
             raise ValueError(f"extra array name {name!r} clashes with a core array")
         values = np.asarray(values)
-        schema[name] = ((num_users, *values.shape[1:]), values.dtype)
+        schema[name] = ((num_rows, *values.shape[1:]), values.dtype)
     return schema
 
 
-def _create_array(kvstore: dict, shape: tuple, dtype: np.dtype, chunk_users: int, context):
-    chunk = [min(chunk_users, shape[0])] + [max(1, s) for s in shape[1:]]
+def _create_array(kvstore: dict, shape: tuple, dtype: np.dtype, chunk_rows: int, context):
+    chunk = [min(chunk_rows, shape[0])] + [max(1, s) for s in shape[1:]]
     spec = {
         "driver": "zarr3",
         "kvstore": kvstore,
@@ -303,16 +310,16 @@ def _create_array(kvstore: dict, shape: tuple, dtype: np.dtype, chunk_users: int
     return ts.open(spec, create=True, context=context).result()
 
 
-def _check_block(block: UserBlock, schema: dict[str, tuple], num_users: int) -> np.ndarray:
-    """Validates one block against the version's schema; returns its user ids as int64."""
-    ids = np.asarray(block.user_ids)
+def _check_block(block: RowBlock, schema: dict[str, tuple], num_rows: int) -> np.ndarray:
+    """Validates one block against the version's schema; returns its row ids as int64."""
+    ids = np.asarray(block.row_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"user_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        raise ValueError(f"row_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     ids = ids.astype(np.int64)
-    if len(ids) and (ids.min() < 0 or ids.max() >= num_users):
-        raise ValueError(f"user ids must lie in [0, {num_users}), got [{ids.min()}, {ids.max()}]")
+    if len(ids) and (ids.min() < 0 or ids.max() >= num_rows):
+        raise ValueError(f"row ids must lie in [0, {num_rows}), got [{ids.min()}, {ids.max()}]")
     if len(np.unique(ids)) != len(ids):
-        raise ValueError("user ids within a block must be distinct")
+        raise ValueError("row ids within a block must be distinct")
     expected = {"summary": block.summaries, "coverage": block.coverage, **(block.extras or {})}
     extra_names = set(schema) - set(_CORE_ARRAYS)
     if set(block.extras or {}) != extra_names:
@@ -322,18 +329,18 @@ def _check_block(block: UserBlock, schema: dict[str, tuple], num_users: int) -> 
         if np.shape(values) != want:
             raise ValueError(f"{name} of a block must have shape {want}, got {np.shape(values)}")
     if not np.all(np.isfinite(block.summaries)):
-        raise ValueError(f"non-finite summaries for users {ids[:8].tolist()}...; refusing to cache")
+        raise ValueError(f"non-finite summaries for rows {ids[:8].tolist()}...; refusing to cache")
     return ids
 
 
-def _user_index(ids: np.ndarray):
+def _row_index(ids: np.ndarray):
     """A slice for a contiguous ascending run of ids (one chunk-aligned write), else the ids."""
     if len(ids) and np.all(np.diff(ids) == 1):
         return slice(int(ids[0]), int(ids[-1]) + 1)
     return ids
 
 
-def _write_block(arrays: dict, block: UserBlock, ids: np.ndarray, quantization: str) -> None:
+def _write_block(arrays: dict, block: RowBlock, ids: np.ndarray, quantization: str) -> None:
     """Writes one block to every array and waits until it is committed."""
     stored, scale = _encode(np.asarray(block.summaries, np.float32), quantization)
     values = {
@@ -344,7 +351,7 @@ def _write_block(arrays: dict, block: UserBlock, ids: np.ndarray, quantization: 
     }
     if scale is not None:
         values["scale"] = scale
-    index = _user_index(ids)
+    index = _row_index(ids)
     # Cast on the host: TensorStore does not convert, e.g., float64 states to float32.
     futures = [
         arrays[name][index].write(np.asarray(v, arrays[name].dtype.numpy_dtype))
@@ -360,25 +367,25 @@ def _delete_prefix(base: ts.KvStore, prefix: str) -> None:
 
 
 def _write_arrays(
-    root_spec, version, layout, blocks, num_users, quantization, chunk_users, context
+    root_spec, version, layout, blocks, num_rows, quantization, chunk_rows, context
 ) -> dict[str, tuple]:
     """Creates a version's arrays from its first block, then writes every block, one at a
     time (memory stays bounded by a block); returns the array schema."""
-    if num_users < 1:
-        raise ValueError(f"version {version!r}: need num_users >= 1, got {num_users}")
+    if num_rows < 1:
+        raise ValueError(f"version {version!r}: need num_rows >= 1, got {num_rows}")
     blocks = iter(blocks)
     first = next(blocks, None)
     if first is None:
-        raise ValueError(f"version {version!r}: no user blocks to write")
-    schema = _array_schema(first, num_users, quantization)
+        raise ValueError(f"version {version!r}: no row blocks to write")
+    schema = _array_schema(first, num_rows, quantization)
     arrays = {
         name: _create_array(
-            _array_kvstore(root_spec, version, layout, name), shape, dtype, chunk_users, context
+            _array_kvstore(root_spec, version, layout, name), shape, dtype, chunk_rows, context
         )
         for name, (shape, dtype) in schema.items()
     }
     for block in itertools.chain([first], blocks):
-        _write_block(arrays, block, _check_block(block, schema, num_users), quantization)
+        _write_block(arrays, block, _check_block(block, schema, num_rows), quantization)
     return schema
 
 
@@ -445,31 +452,31 @@ class SummaryStore:
         root: Any,
         *,
         version: str,
-        summaries: np.ndarray | Iterable[UserBlock],
+        summaries: np.ndarray | Iterable[RowBlock],
         config_hash: str,
         summarizer_step: int,
         coverage: np.ndarray | None = None,
-        num_users: int | None = None,
-        user_ids: np.ndarray | None = None,
+        num_rows: int | None = None,
+        row_ids: np.ndarray | None = None,
         extra_arrays: Mapping[str, np.ndarray] | None = None,
         quantization: str = "int8",
-        chunk_users: int = 64,
+        chunk_rows: int = 64,
         coverage_info: Mapping[str, Any] | None = None,
         layout: str = "ocdbt",
         context: ts.Context | None = None,
     ) -> dict:
         """Writes, then publishes, a new version; returns its manifest.
 
-        `summaries` is either f32 [N, K, D] (rows for `user_ids`, default 0..N-1, with
-        `coverage` [N] and `extra_arrays` {name: [N, ...]}) or an iterable of `UserBlock`
-        (then `num_users` is required), so a large build streams block by block. Users never
+        `summaries` is either f32 [N, K, D] (rows for `row_ids`, default 0..N-1, with
+        `coverage` [N] and `extra_arrays` {name: [N, ...]}) or an iterable of `RowBlock`
+        (then `num_rows` is required), so a large build streams block by block. Rows never
         written read as absent. Refuses to overwrite a published version.
         """
         _check_name("version", version)
-        if quantization not in QUANTIZATIONS or layout not in LAYOUTS or chunk_users < 1:
+        if quantization not in QUANTIZATIONS or layout not in LAYOUTS or chunk_rows < 1:
             raise ValueError(
-                f"need quantization in {QUANTIZATIONS}, layout in {LAYOUTS}, chunk_users >= 1; "
-                f"got {quantization!r}, {layout!r}, {chunk_users}"
+                f"need quantization in {QUANTIZATIONS}, layout in {LAYOUTS}, chunk_rows >= 1; "
+                f"got {quantization!r}, {layout!r}, {chunk_rows}"
             )
         root_spec = _root_spec(root)
         context = context or default_context()
@@ -479,18 +486,18 @@ class SummaryStore:
                 f"version {version!r} is already published at {_describe(root_spec)}; versions "
                 "are immutable, write a new version id."
             )
-        # Whole arrays go in blocks of whole chunks (~4096 users): one OCDBT commit per block.
-        block_users = chunk_users * max(1, 4096 // chunk_users)
-        blocks, num_users = _as_blocks(
-            summaries, coverage, extra_arrays, user_ids, num_users, block_users
+        # Whole arrays go in blocks of whole chunks (~4096 rows): one OCDBT commit per block.
+        block_rows = chunk_rows * max(1, 4096 // chunk_rows)
+        blocks, num_rows = _as_blocks(
+            summaries, coverage, extra_arrays, row_ids, num_rows, block_rows
         )
         # Leftovers of a failed attempt at this id were never published, so nobody reads them.
         _delete_prefix(base, _version_prefix(version))
         schema = _write_arrays(
-            root_spec, version, layout, blocks, num_users, quantization, chunk_users, context
+            root_spec, version, layout, blocks, num_rows, quantization, chunk_rows, context
         )
         manifest = _manifest(
-            version, schema, config_hash, summarizer_step, quantization, layout, chunk_users,
+            version, schema, config_hash, summarizer_step, quantization, layout, chunk_rows,
             coverage_info,
         )  # fmt: skip
         base.write(_manifest_key(version), json.dumps(manifest, indent=1).encode()).result()
@@ -516,8 +523,8 @@ class SummaryStore:
         return self._manifest["version"]
 
     @property
-    def num_users(self) -> int:
-        return self._manifest["num_users"]
+    def num_rows(self) -> int:
+        return self._manifest["num_rows"]
 
     @property
     def k(self) -> int:
@@ -533,13 +540,13 @@ class SummaryStore:
 
     # ------------------------------------------------------------------- reading
 
-    def read(self, user_ids) -> SummaryBatch:
-        """Dequantized summaries of a batch of users, one TensorStore read per array.
+    def read(self, row_ids) -> SummaryBatch:
+        """Dequantized summaries of a batch of rows, one TensorStore read per array.
 
-        Ids >= num_users or never written read as present False with zeros; negative ids are
+        Ids >= num_rows or never written read as present False with zeros; negative ids are
         an error.
         """
-        ids, valid = self._locate(user_ids)
+        ids, valid = self._locate(row_ids)
         names = ["present", "coverage", "summary"] + ["scale"] * ("scale" in self._arrays)
         rows = self._read_rows(names, ids[valid])
         present = np.zeros(len(ids), bool)
@@ -552,14 +559,14 @@ class SummaryStore:
         coverage[~present] = 0
         return SummaryBatch(summaries, present, coverage)
 
-    def read_extra(self, name: str, user_ids) -> np.ndarray:
-        """Extra per-user array `name` for a batch of users; absent users read as zeros."""
+    def read_extra(self, name: str, row_ids) -> np.ndarray:
+        """Extra per-row array `name` for a batch of rows; absent rows read as zeros."""
         if name not in self.extra_names:
             raise SummaryStoreError(
                 f"version {self.version!r} has no extra array {name!r}; it has "
                 f"{list(self.extra_names)}"
             )
-        ids, valid = self._locate(user_ids)
+        ids, valid = self._locate(row_ids)
         rows = self._read_rows(["present", name], ids[valid])
         array = self._arrays[name]
         out = np.zeros((len(ids), *array.shape[1:]), array.dtype.numpy_dtype)
@@ -568,15 +575,15 @@ class SummaryStore:
         out[valid] = values
         return out
 
-    def _locate(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
-        """User ids as int64 [B] and which of them lie inside the store."""
-        ids = np.asarray(user_ids)
+    def _locate(self, row_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids as int64 [B] and which of them lie inside the store."""
+        ids = np.asarray(row_ids)
         if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-            raise ValueError(f"user_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+            raise ValueError(f"row_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
         ids = ids.astype(np.int64)
         if len(ids) and ids.min() < 0:
-            raise ValueError(f"negative user id {ids.min()}; dense user ids start at 0")
-        return ids, ids < self.num_users
+            raise ValueError(f"negative row id {ids.min()}; dense row ids start at 0")
+        return ids, ids < self.num_rows
 
     def _read_rows(self, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `ids` of each named array; all reads are issued before any is awaited."""
@@ -590,7 +597,7 @@ class SummaryStore:
 
 
 def _manifest(
-    version, schema, config_hash, summarizer_step, quantization, layout, chunk_users, coverage_info
+    version, schema, config_hash, summarizer_step, quantization, layout, chunk_rows, coverage_info
 ) -> dict:
     """The manifest JSON of a version (written last: it publishes the version)."""
 
@@ -599,7 +606,7 @@ def _manifest(
             n: {"shape": list(schema[n][0]), "dtype": np.dtype(schema[n][1]).name} for n in names
         }
 
-    (num_users, k, d), _ = schema["summary"]
+    (num_rows, k, d), _ = schema["summary"]
     core = [n for n in _CORE_ARRAYS if n in schema]
     return {
         "format_version": FORMAT_VERSION,
@@ -607,17 +614,17 @@ def _manifest(
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
         "summarizer_step": int(summarizer_step),
         "config_hash": str(config_hash),
-        "num_users": int(num_users),
+        "num_rows": int(num_rows),
         "k": int(k),
         "d": int(d),
         "quantization": quantization,
         "layout": layout,
-        "chunk_users": int(chunk_users),
+        "chunk_rows": int(chunk_rows),
         "coverage": dict(
             coverage_info
             or {
                 "kind": "event_position",
-                "per_user": "array 'coverage': number of the user's time-sorted events covered",
+                "per_row": "array 'coverage': number of its user's time-sorted events covered",
             }
         ),
         "arrays": describe(core),

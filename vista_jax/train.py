@@ -1,9 +1,9 @@
-"""Training: a pure jitted `train_step`, a loop with progress, and Orbax checkpoints.
+"""Training: a pure jitted `train_step`, one loop with progress, and resumable checkpoints.
 
-The trainable state is a pytree `TrainState(step, params, opt_state)`; the model structure
-(`nnx.GraphDef`) stays static. Checkpoints are written by one `CheckpointManager` per stage
-with each module as its own named item (`summarizer`, `decoder`, `ranker`), plus `opt_state`
-and the data iterator's state, so a later stage restores the summarizer alone.
+The trainable state is a pytree `TrainState(step, params, opt_state)` over a mapping of named
+modules (the checkpoint items); the model structure (`nnx.GraphDef`) stays static. There is
+one code path: the step is jitted with explicit shardings over a mesh, and one device is a
+1x1 mesh.
 """
 
 from __future__ import annotations
@@ -12,74 +12,21 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx, struct
 
-from vista_jax import sharding
-from vista_jax.models.ranker import Ranker
-from vista_jax.models.summarizer import ReconstructionDecoder, Summarizer, reconstruction_loss
+from vista_jax import checkpoints, sharding
+from vista_jax.config import TrainConfig
+from vista_jax.errors import CheckpointError
 
 
 class TrainingDivergedError(RuntimeError):
     pass
-
-
-# -- models and losses ------------------------------------------------------------------------
-class SourceModel(nnx.Module):
-    """Summarizer + stage-2 head + reconstruction decoder, trained end to end."""
-
-    def __init__(self, summarizer: Summarizer, decoder: ReconstructionDecoder, ranker: Ranker):
-        self.summarizer = summarizer
-        self.decoder = decoder
-        self.ranker = ranker
-
-    def __call__(self, batch, remat: bool = True):
-        valid = jnp.arange(batch["hist_item"].shape[1])[None] < batch["hist_len"][:, None]
-        summary, _ = self.summarizer(
-            batch["hist_item"],
-            batch["hist_action"],
-            batch["hist_gap"],
-            valid,
-            remat=remat,
-            category=batch.get("hist_category"),
-        )
-        batch = batch | {"summary": summary, "summary_mask": jnp.ones(valid.shape[:1], bool)}
-        logits, aux = self.ranker(batch)
-        rec = reconstruction_loss(self.summarizer, self.decoder, summary, batch["hist_item"], valid)
-        return logits, aux | {"summary": summary, "recon_loss": rec}
-
-
-def task_loss(task: str, logits, batch) -> jax.Array:
-    """Ranking: masked sigmoid BCE. Retrieval: softmax CE with the target at candidate 0."""
-    mask = batch["cand_mask"].astype(jnp.float32)
-    if task == "ranking":
-        bce = optax.sigmoid_binary_cross_entropy(logits, batch["cand_label"])
-        return jnp.sum(bce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    logits = jnp.where(batch["cand_mask"], logits, -1e30)
-    return jnp.mean(-jax.nn.log_softmax(logits, axis=-1)[:, 0])
-
-
-def make_loss_fn(task: str, recon_weight: float = 0.0) -> Callable:
-    """loss(model, batch) -> (loss, metrics); works for SourceModel and a bare Ranker."""
-
-    def loss_fn(model, batch):
-        logits, aux = model(batch)
-        main = task_loss(task, logits, batch)
-        metrics = {"task_loss": main}
-        loss = main
-        if "recon_loss" in aux:
-            loss = loss + recon_weight * aux["recon_loss"]
-            metrics["recon_loss"] = aux["recon_loss"]
-        return loss, metrics | {"loss": loss}
-
-    return loss_fn
 
 
 # -- pure train step --------------------------------------------------------------------------
@@ -111,7 +58,7 @@ def make_train_step(graphdef, tx, loss_fn) -> Callable:
     return train_step
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(1, cfg.warmup_steps), max(cfg.num_steps, cfg.warmup_steps + 1)
     )
@@ -121,71 +68,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     )
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-def checkpoint_manager(directory, items: tuple[str, ...], max_to_keep: int = 2):
-    handlers = {name: ocp.StandardCheckpointHandler() for name in items}
-    handlers["data"] = ocp.JsonCheckpointHandler()
-    return ocp.CheckpointManager(
-        directory,
-        item_names=tuple(handlers),
-        item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-    )
-
-
-def _named_modules(model: nnx.Module) -> dict[str, nnx.Module]:
-    """The checkpoint items of a model: one per top-level module a later stage may restore."""
-    if isinstance(model, SourceModel):
-        return {name: getattr(model, name) for name in ("summarizer", "decoder", "ranker")}
-    return {"ranker": model}
-
-
-def save_checkpoint(mngr, graphdef, state: TrainState, data_state: dict):
-    modules = _named_modules(nnx.merge(graphdef, state.params))
-    args = {k: ocp.args.StandardSave(nnx.state(m, nnx.Param)) for k, m in modules.items()}
-    args["opt_state"] = ocp.args.StandardSave({"step": state.step, "opt": state.opt_state})
-    args["data"] = ocp.args.JsonSave(data_state)
-    mngr.save(int(state.step), args=ocp.args.Composite(**args))
-
-
-def restore_checkpoint(mngr, graphdef, state: TrainState) -> tuple[TrainState, dict]:
-    model = nnx.merge(graphdef, state.params)
-    modules = _named_modules(model)
-    args = {k: ocp.args.StandardRestore(_abstract(m)) for k, m in modules.items()}
-    opt_abstract = {"step": state.step, "opt": state.opt_state}
-    args["opt_state"] = ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_abstract)
-    )
-    args["data"] = ocp.args.JsonRestore()
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(**args))
-    for name, module in modules.items():
-        nnx.update(module, restored[name])
-    _, params = nnx.split(model, nnx.Param)
-    opt = restored["opt_state"]
-    return TrainState(opt["step"], params, opt["opt"]), restored["data"]
-
-
-def _abstract(module: nnx.Module):
-    """Shape/dtype skeleton of a module's parameters: the restore target."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module, nnx.Param))
-
-
-def restore_module(directory, name: str, module: nnx.Module, step: int | None = None):
-    """Restore one named item (e.g. the frozen summarizer) into `module`, nothing else."""
-    with ocp.CheckpointManager(
-        directory, item_names=(name,), item_handlers={name: ocp.StandardCheckpointHandler()}
-    ) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}: run the earlier stage")
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(module))})
-        )
-    nnx.update(module, restored[name])
-    return step
-
-
-# -- the loop ---------------------------------------------------------------------------------
+# -- progress ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Progress:
     """Prints stage, step, examples/s and ETA to stderr at most every `every_s` seconds.
@@ -218,68 +101,85 @@ class Progress:
         )
 
 
+# -- the loop ---------------------------------------------------------------------------------
 def fit(
-    *,
-    stage: str,
-    model: nnx.Module,
+    modules: Mapping[str, nnx.Module],
     loss_fn: Callable,
     data: Iterator,
-    cfg,
+    train_cfg: TrainConfig,
     workdir,
-    items: tuple[str, ...],
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+    *,
+    stage: str = "train",
     to_device: Callable = lambda b: b,
-    mesh=None,
-    rules=None,
-) -> tuple[nnx.Module, dict[str, float]]:
-    """Train `model` for cfg.num_steps, resuming from `workdir` if a checkpoint exists.
+    meta: Mapping | None = None,
+) -> tuple[dict[str, nnx.Module], dict[str, float]]:
+    """Train `modules` for `train_cfg.num_steps`, resuming from `workdir` if it holds a step.
 
-    `data` is a grain iterator (get_state/set_state); `to_device` turns a host batch into
-    model inputs (e.g. adds cached summaries). With a `mesh` (and logical-axis `rules`), the
-    state is sharded by `vista_jax.sharding` and batches are split over `data`. Returns the
-    trained model and last metrics.
+    `loss_fn(modules, batch) -> (loss, metrics)`; `data` is a grain iterator (its state is
+    checkpointed); `to_device` turns a host batch into model inputs; `meta` (JSON) is saved
+    with every step (e.g. the cache version trained on). Each module is its own checkpoint
+    item. Returns the trained modules and the last metrics.
     """
-    tx = make_optimizer(cfg)
-    graphdef, state = init_train_state(model, tx)
+    tx = make_optimizer(train_cfg)
+    graphdef, state = init_train_state(nnx.Dict(dict(modules)), tx)
     step_fn = make_train_step(graphdef, tx, loss_fn)
-    place = lambda s: s  # noqa: E731
-    if mesh is None:
-        train_step = jax.jit(step_fn, donate_argnums=0)
-    else:
-        train_step, place, to_device = _sharded_step(step_fn, state, mesh, rules, to_device)
-    state = place(state)
-    mngr = checkpoint_manager(workdir, items + ("opt_state",))
+    train_step, state_sh = sharding.jit_train_step(step_fn, state, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh)
+    state = jax.device_put(state, state_sh)
+    mngr = checkpoints.manager(workdir, tuple(modules), train_cfg.keep_checkpoints)
     if mngr.latest_step() is not None:
-        state, data_state = restore_checkpoint(mngr, graphdef, state)
-        state = place(state)
-        data.set_state(data_state)
-        print(f"[{stage}] resumed from step {int(state.step)}", file=sys.stderr)
+        state = _resume(mngr, graphdef, state, state_sh, data, train_cfg, stage)
     start = int(state.step)
-    progress = Progress(stage, cfg.num_steps, cfg.batch_size)
+    progress = Progress(stage, train_cfg.num_steps, train_cfg.batch_size)
     pending, last = None, {}
-    for step in range(start, cfg.num_steps):
-        state, metrics = train_step(state, to_device(next(data)))
+    for step in range(start, train_cfg.num_steps):
+        batch = jax.device_put(to_device(next(data)), batch_sh)
+        state, metrics = train_step(state, batch)
         if pending is not None:  # Fetch metrics one step late so the device never idles.
             last = _check_finite(stage, step, jax.device_get(pending))
             progress.update(step, last)
         pending = metrics
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.num_steps:
-            save_checkpoint(mngr, graphdef, state, data.get_state())
+        done = step + 1
+        if done % train_cfg.checkpoint_every == 0 and done < train_cfg.num_steps:
+            _save(mngr, graphdef, state, data, meta)
     if pending is not None:
-        last = _check_finite(stage, cfg.num_steps, jax.device_get(pending))
-        progress.update(cfg.num_steps, last, force=True)
-    if start < cfg.num_steps:
-        save_checkpoint(mngr, graphdef, state, data.get_state())
+        last = _check_finite(stage, train_cfg.num_steps, jax.device_get(pending))
+        progress.update(train_cfg.num_steps, last, force=True)
+    if start < train_cfg.num_steps:
+        _save(mngr, graphdef, state, data, meta)
     mngr.wait_until_finished()
     mngr.close()
-    return nnx.merge(graphdef, state.params), last
+    return dict(nnx.merge(graphdef, state.params).items()), last
 
 
-def _sharded_step(step_fn, state, mesh, rules, to_device):
-    """(jitted step with explicit shardings, state placer, batch placer) for `mesh`."""
-    train_step, state_sh = sharding.jit_train_step(step_fn, state, mesh, rules)
-    batch_sh = sharding.batch_sharding(mesh)
-    place = lambda s: jax.device_put(s, state_sh)  # noqa: E731
-    return train_step, place, lambda b: jax.device_put(to_device(b), batch_sh)
+def _save(mngr, graphdef, state: TrainState, data, meta):
+    modules = nnx.merge(graphdef, state.params)
+    opt = {"step": state.step, "opt": state.opt_state}
+    checkpoints.save(mngr, int(state.step), dict(modules.items()), opt, data.get_state(), meta)
+
+
+def _resume(mngr, graphdef, state, state_sh, data, train_cfg, stage) -> TrainState:
+    latest = mngr.latest_step()
+    if latest > train_cfg.num_steps:
+        raise CheckpointError(
+            f"[{stage}] {mngr.directory} holds a checkpoint at step {latest}, past the "
+            f"requested num_steps={train_cfg.num_steps}; ask for at least {latest} steps or "
+            "use a new --workdir"
+        )
+    modules = nnx.merge(graphdef, state.params)
+    targets = {k: checkpoints.abstract(checkpoints.params_of(m)) for k, m in modules.items()}
+    opt = {"step": state.step, "opt": state.opt_state}
+    targets[checkpoints.OPT_ITEM] = checkpoints.abstract(opt)
+    step, restored = checkpoints.restore(mngr, targets, json_items=(checkpoints.DATA_ITEM,))
+    for name, module in modules.items():
+        nnx.update(module, restored[name])
+    _, params = nnx.split(modules, nnx.Param)
+    opt = restored[checkpoints.OPT_ITEM]
+    data.set_state(restored[checkpoints.DATA_ITEM])
+    print(f"[{stage}] resumed from step {step}", file=sys.stderr)
+    return jax.device_put(TrainState(opt["step"], params, opt["opt"]), state_sh)
 
 
 def _check_finite(stage, step, metrics) -> dict[str, float]:
@@ -290,16 +190,3 @@ def _check_finite(stage, step, metrics) -> dict[str, float]:
             "or check the input data"
         )
     return metrics
-
-
-def predict_batches(model: nnx.Module, batches, to_device=lambda b: b):
-    """Yields (host batch, logits as numpy) for every batch, with one jitted forward."""
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def forward(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch)
-        return logits
-
-    for batch in batches:
-        yield batch, np.asarray(forward(params, to_device(batch)))

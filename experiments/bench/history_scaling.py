@@ -47,8 +47,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from vista_jax import cache  # noqa: E402
 from vista_jax.config import RankerConfig, SummarizerConfig  # noqa: E402
-from vista_jax.data.eventlog import gap_buckets  # noqa: E402
+from vista_jax.data.features import gap_buckets  # noqa: E402
 from vista_jax.models import incremental, qla  # noqa: E402
 from vista_jax.models.ranker import Ranker  # noqa: E402
 from vista_jax.models.summarizer import Summarizer  # noqa: E402
@@ -321,7 +322,7 @@ def incremental_benchmark(history: int) -> dict:
     old = {k: v[:, :history] for k, v in full.items()}
     states_fn = jit_module(model, lambda m, i, a, g, v: m.history_states(i, a, g, v))
     states = block(states_fn(*(jnp.asarray(old[k]) for k in ("item", "action", "gap", "valid"))))
-    stored = incremental.states_to_arrays(states)  # what the store holds, on the host
+    stored = cache.states_to_arrays(states)  # what the store holds, on the host
     last_time = old["time"][:, -1]
     update_fn = jit_module(model, incremental.update)
 
@@ -329,7 +330,7 @@ def incremental_benchmark(history: int) -> dict:
         new_time = full["time"][:, history:]
         valid = np.ones_like(new_time, bool)
         gap = incremental.incremental_gaps(last_time, stored["state_l0_count"] > 0, new_time, valid)
-        s = incremental.arrays_to_states(stored, model.cfg.num_layers)
+        s = cache.arrays_to_states(stored, model.cfg.num_layers)
         new = (full["item"][:, history:], full["action"][:, history:], gap, valid)
         return block(update_fn(s, *new)[1])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -31,11 +32,12 @@ from experiments.bench.history_scaling import (
     median_seconds,
 )
 from experiments.synthetic import config as synthetic_config
-from vista_jax.config import ranker_config, summarizer_config
+from vista_jax.config import from_config_dict
 from vista_jax.data import examples, synthetic
 from vista_jax.models.ranker import Ranker
+from vista_jax.models.source import SourceModel, make_loss_fn
 from vista_jax.models.summarizer import ReconstructionDecoder, Summarizer
-from vista_jax.train import SourceModel, init_train_state, make_loss_fn, make_train_step
+from vista_jax.train import init_train_state, make_train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["16384", "100000"], "History lengths (events per user).")
@@ -67,8 +69,10 @@ def child(length: int, remat: bool) -> dict:
     config = synthetic_config.get_config()
     config.summarizer.chunk_size = FLAGS.chunk_size
     batch, num_items, num_categories = training_batch(length, FLAGS.batch)
-    scfg = summarizer_config(config, num_items, num_categories)
-    rcfg = ranker_config(config, num_items, summary_dim=scfg.d_model, num_categories=num_categories)
+    vocab = types.SimpleNamespace(num_items=num_items, num_categories=num_categories)
+    typed = from_config_dict(config)
+    scfg = typed.summarizer_for(vocab)
+    rcfg = typed.ranker_for(vocab, summary_dim=scfg.d_model)
     cls = SourceModel if remat else _NoRematSource
     r = nnx.Rngs(0)
     model = cls(Summarizer(scfg, r), ReconstructionDecoder(scfg, r), Ranker(rcfg, r))

@@ -1,8 +1,10 @@
-r"""VISTA on MovieLens-1M under the HSTU retrieval protocol (DESIGN §6).
+r"""VISTA on MovieLens-1M under the HSTU retrieval protocol (docs/PROTOCOLS.md).
 
   python run.py --config=experiments/ml1m/config.py --workdir=/tmp/vista_ml1m \
       --config.data.path=/path/to/ml-1m
   python run.py --config=experiments/ml1m/config.py:tiny --workdir=/tmp/vista_ml1m_tiny
+
+`:tiny` is a smoke run on ML-100K (RecBole atomic files under $VISTA_DATA_DIR/ml-100k).
 
 Leave-one-out per user (last event test, second-to-last validation), the most recent 200
 events as the history window, every item in the catalog scored with the history excluded;
@@ -29,18 +31,23 @@ def get_config(arg: str | None = None):
         path=default_path("ml-1m"),
         history_window=200,  # HSTU protocol: the most recent 200 events.
         num_recent=32,
+        data_dir="",  # Where built datasets go ("" = <workdir>/data).
         # A cache row every 32 events: a request joins the newest snapshot before it, and the
         # 32 recent raw events cover everything since (point-in-time, no label leakage).
         snapshot_every=32,
         num_negatives=128,
         max_eval_users=0,  # 0 = all users.
+        # How the event log is read (vista_jax.data.eventlog.EventLogOptions):
+        time_unit="s",  # s | ms | us | ns: the unit of the timestamp column.
+        rating_scale=(1.0, 5.0),  # Ratings outside are refused, not clipped.
+        duplicates="drop",  # drop (reported) | keep | error: exact duplicate rows.
+        allow_mixed_ids=False,  # Allow ids like `item_242` beside `242` in one column.
     )
     c.summarizer.update(d_model=48, num_heads=2, num_layers=2, num_seeds=32, chunk_size=64)
     c.ranker.update(d_model=48, num_heads=2, num_layers=2, mlp_hidden=96)
     c.source = common.training(batch_size=128, num_steps=3000, learning_rate=1e-3)
     c.downstream = common.training(batch_size=128, num_steps=3000, learning_rate=1e-3)
-    c.eval_split = "test"
-    c.eval_batch_size = 32
+    c.eval.update(split="test", batch_size=32)
     if arg.tiny:  # Smoke run on ML-100K (same file family, 10x smaller).
         c.data.kind, c.data.path = "recbole_atomic", default_path("ml-100k")
         c.data.snapshot_every = 64

@@ -3,8 +3,9 @@ r"""VISTA on synthetic lifelong histories: the embedded default (nothing to down
   python run.py --config=experiments/synthetic/config.py --workdir=/tmp/vista --mode=all
   python run.py --config=experiments/synthetic/config.py:tiny --workdir=/tmp/vista_tiny
 
-Each user has 2k events whose *dormant* interests appear only in the first 30% of the
-history, yet still drive labels; the recent-only ranker cannot see them (DESIGN §6).
+Each user has 1k events whose *dormant* interests appear only in the first 30% of the
+history, yet still drive labels; the recent-only ranker cannot see them
+(docs/PROTOCOLS.md, synthetic lifelong data).
 """
 
 from experiments import common
@@ -21,6 +22,7 @@ def get_config(arg: str | None = None):
         history_len=1000,
         num_candidates=128,
         num_recent=32,
+        data_dir="",  # Where built datasets go ("" = <workdir>/data).
         seed=0,
         history_window=1000,  # The summary covers the whole history.
         # Every step trains on all 128 candidates of a request: labels are cheap next to the
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None):
     # The summarizer finds the dormant interests late: seed 0 held-out AUC of the source
     # model was 0.735 after 600 steps and 0.82 after 1000 (oracle 0.83).
     c.source = common.training(batch_size=64, num_steps=1000, learning_rate=3e-3)
-    # The downstream ranker reads summaries, not 2k events: cheap steps, so more of them.
+    # The downstream ranker reads summaries, not 1k events: cheap steps, so more of them.
     c.downstream = common.training(batch_size=64, num_steps=600, learning_rate=3e-3)
     if arg.tiny:  # Smoke run: seconds, not minutes.
         c.data.num_users, c.data.history_len = 60, 300
@@ -41,6 +43,6 @@ def get_config(arg: str | None = None):
         c.summarizer.chunk_size = 64
         c.source = common.training(batch_size=8, num_steps=6, learning_rate=3e-3)
         c.downstream = common.training(batch_size=8, num_steps=6, learning_rate=3e-3)
-        c.eval_batch_size = 16
+        c.eval.batch_size = 16
         c.cache.batch_size = 16
     return c

@@ -19,7 +19,8 @@ import dataclasses
 
 import numpy as np
 
-from vista_jax.data.eventlog import NUM_GAP_BUCKETS, gap_buckets
+from vista_jax.data.features import NUM_GAP_BUCKETS, gap_buckets
+from vista_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,18 +145,46 @@ def retrieval_example(
     return ex
 
 
+MIN_EVENTS = 3  # Leave-one-out: the last event is the test target, the one before validation.
+SPLITS = ("train", "valid", "test")
+
+
 def retrieval_requests(lengths: np.ndarray, split: str) -> np.ndarray:
-    """(user, t) pairs of a split under leave-one-out: train t in [1, n-3], valid n-2, test n-1."""
-    users = np.flatnonzero(lengths >= 3)  # Fewer events cannot give train, valid and test.
+    """(user, t) pairs of a split under leave-one-out, int64 [P, 2].
+
+    A user with n events has training requests t in [1, n-3], the validation request n-2 and
+    the test request n-1. Users with fewer than `MIN_EVENTS` (3) events cannot be split and are
+    left out of every split (training included), so pairs are not indexed by user: pair `i` is
+    `(user, t)`, not user `i`. Raises `DataError` when the split would be empty.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    lengths = np.asarray(lengths, np.int64)
+    users = np.flatnonzero(lengths >= MIN_EVENTS)
+    if not len(users):
+        raise DataError(
+            f"the event log has {len(lengths)} user(s) but none with at least {MIN_EVENTS} "
+            f"events (longest: {int(lengths.max(initial=0))}); leave-one-out needs >= "
+            f"{MIN_EVENTS} events per user (train, validation and test targets), and shorter "
+            "users are left out. Fix: use a log with longer user histories (more events per "
+            "user, e.g. a longer time span)."
+        )
     if split == "valid":
         return np.stack([users, lengths[users] - 2], 1)
     if split == "test":
         return np.stack([users, lengths[users] - 1], 1)
-    pairs = [
-        np.stack([np.full(max(n - 3, 0), u), np.arange(1, max(n - 2, 1))], 1)
-        for u, n in zip(users, lengths[users], strict=True)
-    ]
-    return np.concatenate(pairs).astype(np.int64)
+    counts = lengths[users] - 3  # Training requests t = 1 .. n-3 of each user.
+    if not counts.sum():
+        raise DataError(
+            f"the event log has {len(lengths)} user(s), {len(users)} with >= {MIN_EVENTS} events, "
+            f"but no training request: leave-one-out trains on positions 1..n-3, so a user needs "
+            f">= {MIN_EVENTS + 1} events to contribute one. Fix: use a log with longer user "
+            "histories."
+        )
+    user = np.repeat(users, counts)
+    starts = np.cumsum(counts) - counts  # First pair of each user.
+    t = np.arange(len(user)) - np.repeat(starts, counts) + 1
+    return np.stack([user, t], 1).astype(np.int64)
 
 
 def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -48,8 +48,11 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-LIKE = 2
-DISLIKE = 1
+from vista_jax import metrics
+from vista_jax.data import features
+
+# Event actions are those of binary labels (vista_jax.data.features): disliked 1, liked 2.
+DISLIKE, LIKE = (int(a) for a in features.label_actions(np.array([0, 1])))
 # Extra words for the item-effect seed sequence; user streams use [seed, user] (2 words).
 _ITEM_STREAM = (0, 0, 0, 0x17E3EFF)
 _TIME_BASE = 1_500_000_000
@@ -302,25 +305,6 @@ def iter_users(
         yield generate_user(config, user)
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney, ties counted 1/2). NaN if a class is missing."""
-    scores = np.asarray(scores, np.float64).ravel()
-    labels = np.asarray(labels).ravel() > 0.5
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    s = scores[order]
-    ranks = np.empty(s.size, np.float64)
-    # average 1-based ranks over tie groups
-    boundaries = np.flatnonzero(np.diff(s)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [s.size]])
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def _collect(config: SyntheticConfig, users: Iterable[int] | None):
     users = range(config.num_users) if users is None else users
     cols = {"prob": [], "label": [], "cls": [], "rc": [], "eff": []}
@@ -359,8 +343,8 @@ def auc_report(config: SyntheticConfig, users: Iterable[int] | None = None) -> d
     """Oracle AUC, recent-only oracle AUC and base rate over ``users`` (pooled candidates)."""
     d = _collect(config, users)
     return {
-        "oracle_auc": auc(d["prob"], d["label"]),
-        "recent_only_auc": auc(_recent_only_prob(config, d), d["label"]),
+        "oracle_auc": metrics.auc(d["label"], d["prob"]),
+        "recent_only_auc": metrics.auc(d["label"], _recent_only_prob(config, d)),
         "base_rate": float(d["label"].mean()),
         "num_candidates": int(d["label"].size),
     }
@@ -369,7 +353,7 @@ def auc_report(config: SyntheticConfig, users: Iterable[int] | None = None) -> d
 def oracle_auc(config: SyntheticConfig, users: Iterable[int] | None = None) -> float:
     """AUC of the true probability ``cand_prob`` vs ``cand_label``, pooled over ``users``."""
     d = _collect(config, users)
-    return auc(d["prob"], d["label"])
+    return metrics.auc(d["label"], d["prob"])
 
 
 def recent_only_oracle_auc(config: SyntheticConfig, users: Iterable[int] | None = None) -> float:
@@ -377,4 +361,4 @@ def recent_only_oracle_auc(config: SyntheticConfig, users: Iterable[int] | None 
     candidate's item effect (dormant/returning membership replaced by its conditional
     expectation). The gap to :func:`oracle_auc` measures the long-range signal."""
     d = _collect(config, users)
-    return auc(_recent_only_prob(config, d), d["label"])
+    return metrics.auc(d["label"], _recent_only_prob(config, d))

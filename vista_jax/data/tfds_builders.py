@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vista_jax.data.eventlog import EventLog
+from vista_jax.errors import DataError
 
 SPLIT = "train"  # One split holding every user; train/eval splits are made per event later.
 DEFAULT_VERSION = "1.0.0"
@@ -41,7 +42,7 @@ _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _FINGERPRINT = re.compile(r"^[\w+\-.]+$")
 
 
-class SequenceDatasetError(ValueError):
+class SequenceDatasetError(DataError):
     """A bad record or dataset request: says what was wrong, where, and how to fix it."""
 
 

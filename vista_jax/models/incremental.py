@@ -7,23 +7,19 @@ recomputing the whole history (up to float summation order), at a cost of O(new 
 
   states, summary = update(summarizer, stored_states, new_item, new_action, new_gap, valid)
 
-The store keeps, beside each summary, the states as named per-user arrays
-(`states_to_arrays`) and the time of the last covered event (`LAST_TIME`), because the gap
-feature of the first new event is measured from it (`incremental_gaps`).
+The cache keeps, beside each summary, the states as named arrays and the time of the last
+covered event (`vista_jax.cache.states_to_arrays`, `LAST_TIME`), because the gap feature of
+the first new event is measured from it (`incremental_gaps`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import numpy as np
 
-from vista_jax.data.eventlog import NUM_GAP_BUCKETS, gap_buckets
+from vista_jax.data.features import NUM_GAP_BUCKETS, gap_buckets
 from vista_jax.models import qla
 from vista_jax.models.summarizer import Summarizer
-
-LAST_TIME = "last_time"  # Extra store array [U] int64: time of the last covered event.
 
 
 def update(
@@ -87,40 +83,3 @@ def last_event_time(last_time_B, new_time_BxN, new_valid_BxN) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ store arrays
-
-
-def state_names(layer: int) -> tuple[str, str]:
-    """Store array names of one layer's state: (kv sum, count)."""
-    return f"state_l{layer}_kv", f"state_l{layer}_count"
-
-
-def states_to_arrays(states) -> dict[str, np.ndarray]:
-    """Per-layer states -> {"state_l{i}_kv": [B,H,E,E] f32, "state_l{i}_count": [B] f32}."""
-    arrays = {}
-    for i, state in enumerate(states):
-        kv_name, count_name = state_names(i)
-        arrays[kv_name] = np.asarray(state.kv_sum, np.float32)
-        arrays[count_name] = np.asarray(state.count, np.float32)
-    return arrays
-
-
-def arrays_to_states(arrays: Mapping[str, np.ndarray], num_layers: int) -> list[qla.QLAState]:
-    """Inverse of `states_to_arrays`; a missing layer is an error naming what is there."""
-    states = []
-    for i in range(num_layers):
-        kv_name, count_name = state_names(i)
-        if kv_name not in arrays or count_name not in arrays:
-            raise KeyError(
-                f"stored states lack layer {i} ({kv_name!r}, {count_name!r}); have "
-                f"{sorted(arrays)}. Was the cache built by a summarizer with {num_layers} layers?"
-            )
-        kv = np.asarray(arrays[kv_name], np.float32)
-        states.append(qla.QLAState(kv, np.asarray(arrays[count_name], np.float32)))
-    return states
-
-
-def read_states(store, user_ids, num_layers: int) -> tuple[list[qla.QLAState], np.ndarray]:
-    """Per-layer states and `last_time` of users from a `SummaryStore` version."""
-    names = [n for i in range(num_layers) for n in state_names(i)]
-    arrays = {name: store.read_extra(name, user_ids) for name in names}
-    return arrays_to_states(arrays, num_layers), store.read_extra(LAST_TIME, user_ids)

@@ -1,0 +1,157 @@
+"""The summary cache of a workdir: what names it, how rows are built, how examples join it.
+
+A cache row holds the summary of one (user, snapshot): rows of user u are
+`data.row_offsets[u]:data.row_offsets[u+1]`, one per snapshot position. Beside each summary
+the store may keep each summarizer layer's QLA state and the time of the last covered event,
+so a refresh folds in only new events (`vista_jax.models.incremental`). The cache is named by
+a hash of the summarizer config *and* the data it indexes; readers refuse another hash.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import tqdm
+
+from vista_jax.config import SummarizerConfig
+from vista_jax.data import examples as ex
+from vista_jax.data.datasets import SequenceData
+from vista_jax.fingerprints import config_hash
+from vista_jax.models import qla
+from vista_jax.store import RowBlock, SummaryStore, SummaryStoreError
+
+LAST_TIME = "last_time"  # Extra array [rows] int64: time of the last covered event.
+
+
+def cache_root(workdir) -> str:
+    return str(pathlib.Path(workdir).absolute() / "cache")
+
+
+def cache_hash(scfg: SummarizerConfig, data: SequenceData) -> str:
+    """Names the summarizer *and* the data the cache rows index."""
+    return config_hash({"summarizer": scfg, "data": data.fingerprint, "spec": data.spec})
+
+
+def open_cache(
+    workdir, scfg: SummarizerConfig, data: SequenceData, version: str | None = None
+) -> SummaryStore:
+    """The current version (or `version`); refuses one built by another summarizer or data."""
+    return SummaryStore.open(
+        cache_root(workdir), expected_config_hash=cache_hash(scfg, data), version=version
+    )
+
+
+def require_version(store: SummaryStore, trained_on: str | None, model: str) -> None:
+    """A cache-fed model is evaluated on the cache version it was trained on, or refused."""
+    if trained_on is not None and trained_on != store.version:
+        raise SummaryStoreError(
+            f"{model} was trained on cache version {trained_on!r} but the current version is "
+            f"{store.version!r}; retrain it (--mode=train_ranker) or evaluate with the "
+            "version it was trained on"
+        )
+
+
+def with_summaries(store: SummaryStore) -> Callable[[dict], dict]:
+    """Host-side batch transform: cached summaries for each example's snapshot row."""
+
+    def add(batch):
+        read = store.read(batch["row"])
+        if np.any(read.present & (read.coverage != batch["snapshot"])):
+            raise SummaryStoreError(
+                "cache rows cover other events than the examples' snapshots: the cache was "
+                "built with another snapshot schedule; rebuild it (--mode=build_cache)"
+            )
+        return batch | {"summary": read.summaries, "summary_mask": read.present}
+
+    return add
+
+
+# -- building rows ----------------------------------------------------------------------------
+def keeps_states(data: SequenceData) -> bool:
+    """States extend exactly only if the summary window holds the whole prefix (synthetic);
+    with a sliding window (ML-1M's 200 events) a refresh recomputes the window instead."""
+    last_snapshot = max(int(data.snapshots(u)[-1]) for u in range(data.num_users))
+    return last_snapshot <= data.spec.history_window
+
+
+def snapshot_rows(data: SequenceData) -> Iterator[tuple[int, int, int, dict]]:
+    """(row id, snapshot, last covered time, summarizer input) per row; each record read once."""
+    for u in range(data.num_users):
+        record = data.source[u]
+        gaps = ex.user_gaps(record, data.spec.num_gap_buckets)
+        for j, s in enumerate(data.snapshots(u)):
+            last_time = record["time"][s - 1] if s else 0
+            yield (
+                data.row_offsets[u] + j,
+                s,
+                last_time,
+                ex.history_arrays(record, gaps, s, data.spec),
+            )
+
+
+def row_blocks(data: SequenceData, summarize: Callable, batch_size: int) -> Iterator[RowBlock]:
+    """Summarizes every row in fixed-shape batches; `summarize(hist) -> (summary, states)`.
+
+    Shows one progress bar on stderr.
+    """
+    with_states = keeps_states(data)
+    rows = snapshot_rows(data)
+    with tqdm.tqdm(total=data.num_rows, desc="build_cache", unit="row", file=sys.stderr) as bar:
+        while chunk := list(itertools.islice(rows, batch_size)):
+            row_ids, coverage, last_time, hists = zip(*chunk, strict=True)
+            n = len(chunk)
+            hist = {  # Padded to one shape: one compile.
+                k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
+                for k, v in ex.stack(hists).items()
+            }
+            summary, states = summarize(hist)
+            extras = None
+            if with_states and states is not None:
+                extras = {k: v[:n] for k, v in states_to_arrays(states).items()}
+                extras[LAST_TIME] = np.array(last_time, np.int64)
+            bar.update(n)
+            yield RowBlock(
+                np.array(row_ids), np.asarray(summary)[:n], np.array(coverage, np.int64), extras
+            )
+
+
+# -- per-layer states <-> store arrays --------------------------------------------------------
+def state_names(layer: int) -> tuple[str, str]:
+    """Store array names of one layer's state: (kv sum, count)."""
+    return f"state_l{layer}_kv", f"state_l{layer}_count"
+
+
+def states_to_arrays(states) -> dict[str, np.ndarray]:
+    """Per-layer states -> {"state_l{i}_kv": [B,H,E,E] f32, "state_l{i}_count": [B] f32}."""
+    arrays = {}
+    for i, state in enumerate(states):
+        kv_name, count_name = state_names(i)
+        arrays[kv_name] = np.asarray(state.kv_sum, np.float32)
+        arrays[count_name] = np.asarray(state.count, np.float32)
+    return arrays
+
+
+def arrays_to_states(arrays: Mapping[str, np.ndarray], num_layers: int) -> list[qla.QLAState]:
+    """Inverse of `states_to_arrays`; a missing layer is an error naming what is there."""
+    states = []
+    for i in range(num_layers):
+        kv_name, count_name = state_names(i)
+        if kv_name not in arrays or count_name not in arrays:
+            raise SummaryStoreError(
+                f"stored states lack layer {i} ({kv_name!r}, {count_name!r}); have "
+                f"{sorted(arrays)}. Was the cache built by a summarizer with {num_layers} layers?"
+            )
+        kv = np.asarray(arrays[kv_name], np.float32)
+        states.append(qla.QLAState(kv, np.asarray(arrays[count_name], np.float32)))
+    return states
+
+
+def read_states(store, row_ids, num_layers: int) -> tuple[list[qla.QLAState], np.ndarray]:
+    """Per-layer states and `last_time` of rows from a `SummaryStore` version."""
+    names = [n for i in range(num_layers) for n in state_names(i)]
+    arrays = {name: store.read_extra(name, row_ids) for name in names}
+    return arrays_to_states(arrays, num_layers), store.read_extra(LAST_TIME, row_ids)

@@ -1,0 +1,141 @@
+"""Orbax checkpoints: one `CheckpointManager` per stage, each module its own named item.
+
+Items: the modules by name (`summarizer`, `decoder`, `ranker`), `opt_state` (step and
+optimizer state), `data` (the input iterator's state, JSON) and `meta` (JSON: what the model
+was trained from, e.g. the cache version of a downstream ranker). A later stage restores one
+item alone. Restores check shapes first (a config that differs from the run that wrote the
+checkpoint is named, field by field) and fall back from an unreadable latest step to the
+newest good one, with a warning naming the bad step.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vista_jax.errors import CheckpointError
+
+DATA_ITEM = "data"
+OPT_ITEM = "opt_state"
+META_ITEM = "meta"
+
+
+def manager(directory, modules: tuple[str, ...], keep: int = 2) -> ocp.CheckpointManager:
+    handlers = {name: ocp.StandardCheckpointHandler() for name in modules + (OPT_ITEM,)}
+    handlers[DATA_ITEM] = ocp.JsonCheckpointHandler()
+    handlers[META_ITEM] = ocp.JsonCheckpointHandler()
+    return ocp.CheckpointManager(
+        directory,
+        item_names=tuple(handlers),
+        item_handlers=handlers,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    )
+
+
+def abstract(tree):
+    """Shape/dtype skeleton (with shardings) of a pytree: the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def params_of(module: nnx.Module):
+    return nnx.state(module, nnx.Param)
+
+
+def save(mngr, step: int, modules: Mapping[str, nnx.Module], opt_state, data_state, meta):
+    args = {k: ocp.args.StandardSave(params_of(m)) for k, m in modules.items()}
+    args[OPT_ITEM] = ocp.args.StandardSave(opt_state)
+    args[DATA_ITEM] = ocp.args.JsonSave(data_state)
+    args[META_ITEM] = ocp.args.JsonSave(dict(meta or {}))
+    mngr.save(step, args=ocp.args.Composite(**args))
+
+
+def _shape_mismatches(mngr, step: int, targets: Mapping) -> list[str]:
+    """`item/path: checkpoint (..) vs config (..)` for every array whose shape differs."""
+    stored = mngr.item_metadata(step)
+    out = []
+    for item, target in targets.items():
+        meta = stored.get(item) if stored is not None else None
+        if meta is None:
+            continue
+        want = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+        have = dict(jax.tree_util.tree_flatten_with_path(meta)[0])
+        for path, leaf in want.items():
+            got = have.get(path)
+            if got is not None and tuple(got.shape) != tuple(leaf.shape):
+                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                out.append(f"{item}/{name}: checkpoint {tuple(got.shape)}, config {leaf.shape}")
+    return out
+
+
+def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
+    """(step, {item: restored}) from the newest readable step (or `step`).
+
+    `targets` maps item names to abstract pytrees; `json_items` are restored as JSON.
+    """
+    where = pathlib.Path(str(mngr.directory))
+    steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint under {where}: run the stage that writes it first")
+    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    args |= {k: ocp.args.JsonRestore() for k in json_items}
+    for s in steps:
+        try:
+            mismatches = _shape_mismatches(mngr, s, targets)
+        except Exception as e:  # Unreadable metadata: the step is damaged.
+            _warn_bad(where, s, e)
+            continue
+        if mismatches:
+            raise CheckpointError(
+                f"checkpoint step {s} under {where} was written with another model config: "
+                + "; ".join(mismatches[:3])
+                + ". Use the config it was trained with, or a new --workdir"
+            )
+        try:
+            return s, mngr.restore(s, args=ocp.args.Composite(**args))
+        except Exception as e:  # Truncated or corrupt arrays: try an older step.
+            _warn_bad(where, s, e)
+    raise CheckpointError(
+        f"no readable checkpoint under {where} (tried steps {steps}); delete the directory to "
+        "retrain from scratch"
+    )
+
+
+def _warn_bad(where, step, error):
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    print(
+        f"WARNING: checkpoint step {step} under {where} is unreadable "
+        f"({type(error).__name__}: {first}); falling back to an earlier step",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def restore_module(directory, name: str, module: nnx.Module, step: int | None = None) -> int:
+    """Restore one named item (e.g. the frozen summarizer) into `module`; returns its step."""
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}: run the earlier stage")
+    with ocp.CheckpointManager(
+        directory, item_names=(name,), item_handlers={name: ocp.StandardCheckpointHandler()}
+    ) as mngr:
+        step, restored = restore(mngr, {name: abstract(params_of(module))}, step=step)
+    nnx.update(module, restored[name])
+    return step
+
+
+def read_meta(directory) -> dict:
+    """The `meta` item of the newest step under `directory` ({} when there is none)."""
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        return {}
+    handlers = {META_ITEM: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_names=(META_ITEM,), item_handlers=handlers) as m:
+        if m.latest_step() is None:
+            return {}
+        _, restored = restore(m, {}, json_items=(META_ITEM,))
+    return dict(restored[META_ITEM] or {})
