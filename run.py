@@ -7,6 +7,7 @@ stderr and exit with status 2; `--verbose` shows their traceback too.
 """
 
 import difflib
+import importlib.util
 import re
 import sys
 
@@ -38,25 +39,44 @@ def _config_keys(config, prefix=""):
             yield from _config_keys(value, name + ".")
 
 
+def _load_config(argv):
+    """The config file named by --config (without overrides), or None if it does not load."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    path, _, arg = path.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_config_for_errors", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg or None)
+    except Exception:  # The real error is reported instead.
+        return None
+
+
 def _flag_error(error: Exception, argv) -> str:
     """One line for a flag error; an unknown --config.x.y names the nearest valid key."""
     text = " ".join(str(error).split())
+    raised = re.search(r"vista_jax\.errors\.\w+: (.*)$", text)  # Raised by a config file.
+    if raised:
+        return raised.group(1)
     bad = re.findall(r"--config\.([\w.]+)", " ".join(argv))
-    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
-    if config is not None and bad:
+    config = _load_config(argv) if bad else None
+    if config is not None:
         keys = list(_config_keys(config))
         for key in bad:
             if key not in keys:
                 near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
                 hint = f"; did you mean --config.{near[0]}?" if near else ""
-                return f"unknown config key --config.{key}{hint}"
-    return text
+                fix = f"Fix: use --config.{near[0]}" if near else "Fix: check the config file"
+                return f"unknown config key --config.{key}{hint} {fix}"
+    return text if "Fix: " in text else f"{text}. Fix: correct the flag (--helpfull lists all)"
 
 
 def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
+    except (flags.Error, KeyError, AttributeError) as e:  # ml_collections: unknown keys.
         _fail(_flag_error(e, argv))
     except UserError as e:  # Raised while loading the config file (e.g. a variant typo).
         _fail(str(e))

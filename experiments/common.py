@@ -24,12 +24,15 @@ def _parse_value(key: str, value: str, default):
             return True
         if value.lower() in _FALSE:
             return False
-        raise ConfigError(f"config variant '{key}={value}': expected true or false")
+        raise ConfigError(
+            f"config variant '{key}={value}': expected true or false. Fix: ':{key}=false'"
+        )
     try:
         return type(default)(value)
     except ValueError:
         raise ConfigError(
-            f"config variant '{key}={value}': expected a {type(default).__name__}"
+            f"config variant '{key}={value}': expected a {type(default).__name__}. "
+            f"Fix: ':{key}=<{type(default).__name__}>'"
         ) from None
 
 
@@ -48,6 +51,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             raise ConfigError(
                 f"unknown config variant '{key}' in ':{arg}'; {hint}valid variants: "
                 + ", ".join(sorted(defaults))
+                + ". Fix: use one of them after the ':' of --config"
             )
         out[key] = _parse_value(key, value, defaults[key])
     return ml_collections.ConfigDict(out)

@@ -18,8 +18,15 @@ parametrized tests, reusing `check_message`. Keep every case fast and determinis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +34,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flax import nnx
 
+from experiments import common
+from experiments.eventlog import config as eventlog_config
+from experiments.synthetic import config as synthetic_config
+from vista_jax import pipeline
+from vista_jax.checkpoints import restore_module
+from vista_jax.config import from_config_dict
 from vista_jax.data import examples, loaders
 from vista_jax.data.eventlog import EventLogError, EventLogOptions
-from vista_jax.errors import DataError, UserError
+from vista_jax.errors import CheckpointError, ConfigError, DataError, UserError, WorkdirError
+from vista_jax.models.summarizer import Summarizer
+from vista_jax.store import SummaryStoreError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 HINT = "Fix: "
 
@@ -339,3 +357,252 @@ def test_bad_event_log_files(tmp_path, case: FileCase):
 def test_event_log_catalogue_covers_every_loader():
     assert {case.kind for case in EVENT_LOG_FILES} == set(loaders.LOADERS)
     assert len({case.id for case in EVENT_LOG_FILES}) == len(EVENT_LOG_FILES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config variants, keys and values (the typed boundary, `vista_jax.config.from_config_dict`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigCase:
+    """`get_config(variant)`, then `overrides` on the ConfigDict, must be refused."""
+
+    id: str
+    names: tuple[str, ...]
+    variant: str | None = "tiny"
+    overrides: tuple[tuple[str, Any], ...] = ()
+    experiment: str = "synthetic"
+
+
+CONFIG_CASES = [
+    ConfigCase("variant_typo", ("'tiyn'", "'tiny'"), variant="tiyn"),
+    ConfigCase("variant_not_a_bool", ("tiny=maybe", "true or false"), variant="tiny=maybe"),
+    ConfigCase("key_typo", ("'summarizer.d_modle'", "summarizer.d_model"),
+               overrides=(("summarizer.d_modle", 8),)),
+    ConfigCase("section_typo", ("'sumarizer'", "summarizer"), overrides=(("sumarizer", {}),)),
+    ConfigCase("bad_attention", ("summarizer.attention", "'qla'"),
+               overrides=(("summarizer.attention", "qlaa"),)),
+    ConfigCase("heads_do_not_divide", ("summarizer.d_model", "summarizer.num_heads"),
+               overrides=(("summarizer.num_heads", 3),)),
+    ConfigCase("zero_steps", ("source.num_steps", ">= 1"), overrides=(("source.num_steps", 0),)),
+    ConfigCase("negative_lr", ("downstream.learning_rate",),
+               overrides=(("downstream.learning_rate", -1.0),)),
+    ConfigCase("data_kind_typo", ("data.kind", "'movielens_1m'"),
+               overrides=(("data.kind", "movielens_1"),)),
+    ConfigCase("quantization", ("cache.quantization", "'int8'"),
+               overrides=(("cache.quantization", "int4"),)),
+    ConfigCase("eval_split", ("eval.split", "'valid'"), overrides=(("eval.split", "vali"),)),
+    ConfigCase("synthetic_key_on_event_log", ("'data.num_users'",), experiment="ml1m",
+               overrides=(("data.num_users", 5),)),
+    ConfigCase("time_unit", ("data.time_unit",), experiment="ml1m",
+               overrides=(("data.time_unit", "minutes"),)),
+]  # fmt: skip
+
+
+def _experiment_config(case: ConfigCase):
+    import importlib
+
+    module = importlib.import_module(f"experiments.{case.experiment}.config")
+    config = module.get_config(case.variant)
+    for key, value in case.overrides:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        with node.unlocked() if hasattr(node, "unlocked") else _nothing():
+            node[leaf] = value
+    return from_config_dict(config)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=lambda case: case.id)
+def test_bad_config(case: ConfigCase):
+    with pytest.raises(UserError) as error:
+        _experiment_config(case)
+    check_message(error.value, ConfigError, list(case.names))
+
+
+BOOLS = [("", True), ("1", True), ("true", True), ("0", False), ("false", False), ("no", False)]
+
+
+@pytest.mark.parametrize("value,want", BOOLS)
+def test_bool_variants_parse(value, want):
+    arg = "tiny" + (f"={value}" if value else "")
+    assert common.parse_arg(arg, tiny=False).tiny is want
+
+
+def test_derived_values_follow_overrides():
+    config = synthetic_config.get_config("tiny")
+    config.source.num_steps = 200
+    typed = from_config_dict(config)
+    assert typed.source.checkpoint_every == 100 and typed.source.warmup_steps == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: one line on stderr, exit status 2
+# ---------------------------------------------------------------------------------------------
+
+CLI_CASES = [
+    ("flag_key_typo", ["--config=experiments/synthetic/config.py:tiny",
+                       "--config.sumarizer.d_model=8"], ("--config.summarizer.d_model",)),
+    ("variant_typo", ["--config=experiments/synthetic/config.py:tiyn"], ("'tiny'",)),
+    ("missing_data_path", ["--config=experiments/eventlog/config.py:tiny"],
+     ("--config.data.path",)),
+    ("bad_value", ["--config=experiments/synthetic/config.py:tiny",
+                   "--config.cache.quantization=int4"], ("cache.quantization",)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda case: case[0])
+def test_command_line_user_errors(tmp_path, case):
+    _, args, names = case
+    workdir = tmp_path / "work"
+    run = subprocess.run(
+        [sys.executable, "run.py", f"--workdir={workdir}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    assert HINT in lines[0]
+    assert not workdir.exists(), "a refused run must create nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdirs, checkpoints and caches
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_config(data_dir):
+    config = synthetic_config.get_config("tiny")
+    config.data.data_dir = str(data_dir)
+    config.source.num_steps = 4
+    config.source.checkpoint_every = 2
+    config.downstream.num_steps = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir after every stage of a tiny run (copied by each test that breaks it)."""
+    root = tmp_path_factory.mktemp("trained")
+    config = _tiny_config(root / "data")
+    pipeline.train_and_evaluate(config, root / "work", "all")
+    return config, root / "work"
+
+
+def _copy(trained, tmp_path):
+    config, workdir = trained
+    shutil.copytree(workdir, tmp_path / "work")
+    return config.copy_and_resolve_references(), tmp_path / "work"
+
+
+def test_read_only_workdir_is_refused_before_training(tmp_path, trained):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(WorkdirError) as error:
+            pipeline.train_and_evaluate(trained[0], parent / "work", "all")
+        check_message(error.value, WorkdirError, [str(parent / "work")])
+    finally:
+        parent.chmod(0o700)
+
+
+def test_bad_data_creates_no_workdir(tmp_path):
+    config = eventlog_config.get_config("tiny")
+    (tmp_path / "e.csv").write_text("user,item\n1,2\n")
+    config.data.path = str(tmp_path / "e.csv")
+    with pytest.raises(DataError):
+        pipeline.train_and_evaluate(config, tmp_path / "work", "all")
+    assert not (tmp_path / "work").exists()
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(tmp_path, trained):
+    config, workdir = _copy(trained, tmp_path)
+    config.source.num_steps = 2
+    with pytest.raises(CheckpointError) as error:
+        pipeline.train_and_evaluate(config, workdir, "train_source")
+    check_message(error.value, CheckpointError, ["step 4", "num_steps=2", str(workdir)])
+
+
+def test_checkpoint_of_another_shape_names_the_field(tmp_path, trained):
+    config, workdir = _copy(trained, tmp_path)
+    config.summarizer.num_seeds = 3
+    with pytest.raises(CheckpointError) as error:
+        pipeline.train_and_evaluate(config, workdir, "build_cache")
+    check_message(error.value, CheckpointError, ["summarizer/seeds", "(16, 32)", "(3, 32)"])
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+    for path in step_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "summarizer" in str(path):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, trained, capfd):
+    config, workdir = _copy(trained, tmp_path)
+    _corrupt(workdir / "source" / "4")
+    step = restore_module(workdir / "source", "summarizer", _summarizer(config, workdir))
+    assert step == 2
+    assert "checkpoint step 4" in capfd.readouterr().err
+
+
+def test_every_checkpoint_corrupt_is_one_clear_error(tmp_path, trained):
+    config, workdir = _copy(trained, tmp_path)
+    for step in (2, 4):
+        _corrupt(workdir / "source" / str(step))
+    with pytest.raises(CheckpointError) as error:
+        restore_module(workdir / "source", "summarizer", _summarizer(config, workdir))
+    check_message(error.value, CheckpointError, [str(workdir / "source")])
+
+
+def _summarizer(config, workdir):
+    typed = from_config_dict(config)
+    return Summarizer(typed.summarizer_for(pipeline.load_data(typed, workdir)), nnx.Rngs(0))
+
+
+def test_stage_before_its_inputs_is_one_clear_error(tmp_path, trained):
+    with pytest.raises(CheckpointError) as error:
+        pipeline.train_and_evaluate(trained[0], tmp_path / "fresh", "build_cache")
+    check_message(error.value, CheckpointError, [str(tmp_path / "fresh" / "source")])
+
+
+def test_ranker_is_not_evaluated_on_another_cache_version(tmp_path, trained):
+    config, workdir = _copy(trained, tmp_path)
+    before = json.loads((workdir / "results.json").read_text())["cache"]["version"]
+    time.sleep(1.1)  # Version ids carry the second they were built in.
+    pipeline.train_and_evaluate(config, workdir, "build_cache")
+    with pytest.raises(UserError) as error:
+        pipeline.train_and_evaluate(config, workdir, "evaluate")
+    check_message(error.value, SummaryStoreError, [before, "vista_downstream"])
+    with pytest.raises(UserError):  # Resuming training on the new cache is refused too.
+        pipeline.train_and_evaluate(config, workdir, "train_ranker")
+
+
+def test_results_carry_provenance(trained):
+    _, workdir = trained
+    results = json.loads((workdir / "results.json").read_text())
+    prov = results["provenance"]
+    assert prov["seed"] == 0 and prov["steps"] == {"source": 4, "downstream": 2}
+    assert prov["config"]["summarizer"]["num_seeds"] == 16
+    assert set(prov["stages"]) == set(pipeline.STAGES)
+    assert all(s["wall_s"] >= 0 for s in prov["stages"].values())
+    assert prov["git_commit"]
+    assert results["cache"]["version"].startswith("v00000004-")
+
+
+def test_workdir_that_is_a_file_is_refused_before_training(tmp_path, trained):
+    (tmp_path / "work").write_text("not a directory")
+    with pytest.raises(WorkdirError) as error:
+        pipeline.train_and_evaluate(trained[0], tmp_path / "work" / "sub", "all")
+    check_message(error.value, WorkdirError, [str(tmp_path / "work")])

@@ -49,9 +49,9 @@ def require_version(store: SummaryStore, trained_on: str | None, model: str) -> 
     """A cache-fed model is evaluated on the cache version it was trained on, or refused."""
     if trained_on is not None and trained_on != store.version:
         raise SummaryStoreError(
-            f"{model} was trained on cache version {trained_on!r} but the current version is "
-            f"{store.version!r}; retrain it (--mode=train_ranker) or evaluate with the "
-            "version it was trained on"
+            f"{model} was trained on cache version {trained_on!r} but the current version "
+            f"is {store.version!r}. Fix: retrain it on the current cache (delete its "
+            "checkpoint directory, then --mode=train_ranker)"
         )
 
 
@@ -63,7 +63,7 @@ def with_summaries(store: SummaryStore) -> Callable[[dict], dict]:
         if np.any(read.present & (read.coverage != batch["snapshot"])):
             raise SummaryStoreError(
                 "cache rows cover other events than the examples' snapshots: the cache was "
-                "built with another snapshot schedule; rebuild it (--mode=build_cache)"
+                "built with another snapshot schedule. Fix: rebuild it (--mode=build_cache)"
             )
         return batch | {"summary": read.summaries, "summary_mask": read.present}
 
@@ -143,7 +143,8 @@ def arrays_to_states(arrays: Mapping[str, np.ndarray], num_layers: int) -> list[
         if kv_name not in arrays or count_name not in arrays:
             raise SummaryStoreError(
                 f"stored states lack layer {i} ({kv_name!r}, {count_name!r}); have "
-                f"{sorted(arrays)}. Was the cache built by a summarizer with {num_layers} layers?"
+                f"{sorted(arrays)}. Fix: rebuild the cache with the {num_layers}-layer "
+                "summarizer (--mode=build_cache)"
             )
         kv = np.asarray(arrays[kv_name], np.float32)
         states.append(qla.QLAState(kv, np.asarray(arrays[count_name], np.float32)))

@@ -54,21 +54,30 @@ def save(mngr, step: int, modules: Mapping[str, nnx.Module], opt_state, data_sta
     mngr.save(step, args=ocp.args.Composite(**args))
 
 
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"embed/item/embedding": shape} for every array of a (metadata or abstract) tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if parts and parts[-1] == "value":  # nnx Variables flatten to a `value` leaf.
+            parts = parts[:-1]
+        if hasattr(leaf, "shape"):
+            out["/".join(parts)] = tuple(leaf.shape)
+    return out
+
+
 def _shape_mismatches(mngr, step: int, targets: Mapping) -> list[str]:
-    """`item/path: checkpoint (..) vs config (..)` for every array whose shape differs."""
+    """`item/path: checkpoint (..), config (..)` for every array whose shape differs."""
     stored = mngr.item_metadata(step)
     out = []
     for item, target in targets.items():
         meta = stored.get(item) if stored is not None else None
         if meta is None:
             continue
-        want = dict(jax.tree_util.tree_flatten_with_path(target)[0])
-        have = dict(jax.tree_util.tree_flatten_with_path(meta)[0])
-        for path, leaf in want.items():
-            got = have.get(path)
-            if got is not None and tuple(got.shape) != tuple(leaf.shape):
-                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-                out.append(f"{item}/{name}: checkpoint {tuple(got.shape)}, config {leaf.shape}")
+        have = _leaf_shapes(meta)
+        for name, shape in _leaf_shapes(target).items():
+            if name in have and have[name] != shape:
+                out.append(f"{item}/{name}: checkpoint {have[name]}, config {shape}")
     return out
 
 
@@ -80,7 +89,10 @@ def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
     where = pathlib.Path(str(mngr.directory))
     steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
     if not steps:
-        raise CheckpointError(f"no checkpoint under {where}: run the stage that writes it first")
+        raise CheckpointError(
+            f"no checkpoint under {where}. Fix: run the stage that writes it first "
+            "(--mode=all runs every stage in order)"
+        )
     args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
     args |= {k: ocp.args.JsonRestore() for k in json_items}
     for s in steps:
@@ -93,15 +105,15 @@ def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
             raise CheckpointError(
                 f"checkpoint step {s} under {where} was written with another model config: "
                 + "; ".join(mismatches[:3])
-                + ". Use the config it was trained with, or a new --workdir"
+                + ". Fix: use the config it was trained with, or a new --workdir"
             )
         try:
             return s, mngr.restore(s, args=ocp.args.Composite(**args))
         except Exception as e:  # Truncated or corrupt arrays: try an older step.
             _warn_bad(where, s, e)
     raise CheckpointError(
-        f"no readable checkpoint under {where} (tried steps {steps}); delete the directory to "
-        "retrain from scratch"
+        f"no readable checkpoint under {where} (tried steps {steps}). Fix: delete the "
+        "directory to retrain that stage from scratch"
     )
 
 
@@ -119,7 +131,10 @@ def restore_module(directory, name: str, module: nnx.Module, step: int | None = 
     """Restore one named item (e.g. the frozen summarizer) into `module`; returns its step."""
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint directory {directory}: run the earlier stage")
+        raise CheckpointError(
+            f"no checkpoint directory {directory}. Fix: run the stage that writes it first "
+            "(--mode=all runs every stage in order)"
+        )
     with ocp.CheckpointManager(
         directory, item_names=(name,), item_handlers={name: ocp.StandardCheckpointHandler()}
     ) as mngr:

@@ -33,7 +33,10 @@ EVAL_SPLITS = ("valid", "test")
 def _positive(section: str, **values):
     for name, value in values.items():
         if value < 1:
-            raise ConfigError(f"config key '{section}.{name}' must be >= 1, got {value}")
+            raise ConfigError(
+                f"config key '{section}.{name}' must be >= 1, got {value}. "
+                f"Fix: pass --config.{section}.{name}=N with N >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,7 @@ class SummarizerConfig:
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"config key 'summarizer.d_model' ({self.d_model}) must be divisible by "
-                f"'summarizer.num_heads' ({self.num_heads})"
+                f"'summarizer.num_heads' ({self.num_heads}). Fix: change either key"
             )
         if self.attention not in ATTENTIONS:
             raise ConfigError(_choice("summarizer.attention", self.attention, ATTENTIONS))
@@ -95,7 +98,7 @@ class RankerConfig:
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"config key 'ranker.d_model' ({self.d_model}) must be divisible by "
-                f"'ranker.num_heads' ({self.num_heads})"
+                f"'ranker.num_heads' ({self.num_heads}). Fix: change either key"
             )
 
     @property
@@ -178,16 +181,19 @@ class ExperimentConfig:
 def _choice(key: str, value, valid) -> str:
     near = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    return f"config key '{key}' must be one of {tuple(valid)}, got {value!r}{hint}"
+    return (
+        f"config key '{key}' must be one of {tuple(valid)}, got {value!r}{hint} "
+        f"Fix: pass --config.{key}=<one of them>"
+    )
 
 
 def _unknown(key: str, valid) -> ConfigError:
     prefix, _, name = key.rpartition(".")
     near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    hint = f"did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
-    return ConfigError(
-        f"unknown config key '{key}'; {hint or 'valid keys: ' + ', '.join(sorted(valid))}"
-    )
+    full = f"{prefix + '.' if prefix else ''}{near[0]}" if near else ""
+    hint = f"did you mean '{full}'?" if near else "valid keys: " + ", ".join(sorted(valid))
+    fix = f"Fix: use --config.{full}" if near else "Fix: use one of the valid keys"
+    return ConfigError(f"unknown config key '{key}'; {hint} {fix}")
 
 
 def _check_keys(section: str, given: Mapping, valid, required=()) -> None:
@@ -196,7 +202,10 @@ def _check_keys(section: str, given: Mapping, valid, required=()) -> None:
             raise _unknown(f"{section}.{key}" if section else key, valid)
     for key in required:
         if key not in given:
-            raise ConfigError(f"config key '{section}.{key}' is missing")
+            raise ConfigError(
+                f"config key '{section}.{key}' is missing. Fix: set it in the config file "
+                "(experiments/common.py holds the shared defaults)"
+            )
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -214,7 +223,7 @@ def _section(cls, section: str, given: Mapping, **fixed):
     try:
         return cls(**dict(given), **fixed)
     except TypeError as e:
-        raise ConfigError(f"config section '{section}': {e}") from None
+        raise ConfigError(f"config section '{section}': {e}. Fix: check its keys") from None
 
 
 def _train(section: str, given: Mapping) -> TrainConfig:
@@ -230,7 +239,10 @@ def _train(section: str, given: Mapping) -> TrainConfig:
     given.setdefault("weight_decay", 1e-4)
     given.setdefault("grad_clip", 1.0)
     if given["learning_rate"] <= 0:
-        raise ConfigError(f"config key '{section}.learning_rate' must be > 0")
+        raise ConfigError(
+            f"config key '{section}.learning_rate' must be > 0. "
+            f"Fix: pass --config.{section}.learning_rate=1e-3 or similar"
+        )
     _positive(section, checkpoint_every=given["checkpoint_every"])
     _positive(section, keep_checkpoints=given["keep_checkpoints"])
     return TrainConfig(**given)

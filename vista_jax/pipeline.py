@@ -24,7 +24,7 @@ from flax import nnx
 from vista_jax import cache, checkpoints, evaluation, metrics, sharding
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.data import datasets, inputs
-from vista_jax.errors import WorkdirError
+from vista_jax.errors import ConfigError, WorkdirError
 from vista_jax.fingerprints import git_commit
 from vista_jax.models.ranker import Ranker
 from vista_jax.models.source import SourceModel, make_loss_fn
@@ -206,10 +206,13 @@ def check_workdir(workdir) -> None:
     path = pathlib.Path(workdir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise WorkdirError(f"--workdir {path}: {existing} is a file, not a directory")
+        raise WorkdirError(
+            f"--workdir {path}: {existing} is a file, not a directory. Fix: pick another path"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise WorkdirError(
-            f"--workdir {path} is not writable ({existing} denies write access); pick another"
+            f"--workdir {path} is not writable ({existing} denies write access). "
+            "Fix: pick a writable --workdir"
         )
 
 
@@ -231,7 +234,7 @@ def train_and_evaluate(config, workdir, mode: str = "all") -> dict | None:
     Inputs are validated before anything is created in the workdir.
     """
     if mode not in MODES:
-        raise WorkdirError(f"--mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"--mode must be one of {MODES}, got {mode!r}. Fix: pick one")
     config = from_config_dict(config)
     check_workdir(workdir)
     data = load_data(config, workdir)  # Once: every stage reads the same built dataset.

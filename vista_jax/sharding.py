@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from vista_jax.errors import ConfigError
+
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
@@ -33,11 +35,14 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     if math.prod(shape) == 1:
         devices = devices[:1]
     if len(shape) != len(axes):
-        raise ValueError(f"mesh shape {tuple(shape)} and axes {tuple(axes)} differ in length")
+        raise ConfigError(
+            f"mesh shape {tuple(shape)} and axes {tuple(axes)} differ in length. "
+            "Fix: give config.mesh.shape one entry per axis"
+        )
     if math.prod(shape) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are "
-            f"available; set config.mesh.shape so its product is {len(devices)}"
+            f"available. Fix: set --config.mesh.shape so its product is {len(devices)}"
         )
     grid = np.asarray(devices).reshape(tuple(shape))
     return Mesh(grid, tuple(axes), axis_types=(AxisType.Auto,) * len(axes))

@@ -165,8 +165,8 @@ def _resume(mngr, graphdef, state, state_sh, data, train_cfg, stage) -> TrainSta
     if latest > train_cfg.num_steps:
         raise CheckpointError(
             f"[{stage}] {mngr.directory} holds a checkpoint at step {latest}, past the "
-            f"requested num_steps={train_cfg.num_steps}; ask for at least {latest} steps or "
-            "use a new --workdir"
+            f"requested num_steps={train_cfg.num_steps}. Fix: ask for at least {latest} steps "
+            "or use a new --workdir"
         )
     modules = nnx.merge(graphdef, state.params)
     targets = {k: checkpoints.abstract(checkpoints.params_of(m)) for k, m in modules.items()}
