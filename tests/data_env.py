@@ -1,4 +1,4 @@
-"""Where tests find the real datasets (DESIGN.md §9).
+"""Where tests find the real datasets (docs/PROTOCOLS.md §6).
 
 `VISTA_DATA_DIR` points at the directory holding `ml-1m/` and `ml-100k/`. When it is unset or
 the dataset is missing, a test skips with the reason, unless `VISTA_REQUIRE_DATA=1` (CI that
@@ -20,7 +20,7 @@ def real_data_dir(name: str) -> pathlib.Path:
     if not root:
         reason = (
             f"{DATA_DIR_ENV} is not set; set it to the directory holding {name}/ "
-            "(e.g. ../shared/data) to run real-data tests"
+            "(unzipped GroupLens/RecBole data, see data/README.md) to run real-data tests"
         )
     else:
         path = pathlib.Path(root) / name

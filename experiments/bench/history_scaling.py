@@ -2,8 +2,8 @@ r"""How VISTA's costs scale with history length, against full target attention a
 
   python -m experiments.bench.history_scaling [--max_len=1000000] [--sweep]
 
-Prints progress to stderr and one JSON object as the last stdout line (DESIGN §8). Runs on
-whatever backend JAX picks (CPU here, a GPU when present); nothing assumes a CPU.
+Prints progress to stderr and one JSON object as the last stdout line (docs/PROTOCOLS.md
+§5). Runs on whatever backend JAX picks (CPU here, a GPU when present); nothing assumes a CPU.
 
 What is measured, for one user, and how:
   * summarizer: the jitted chunked form (3 QLA layers, d=64, k=128 seeds) from event ids to

@@ -10,8 +10,8 @@ Leave-one-out per user (last event test, second-to-last validation), the most re
 events as the history window, every item in the catalog scored with the history excluded;
 HR@{10,50,200}, NDCG@{10,50,200}, MRR. Training uses sampled softmax over 128 uniform
 negatives, as the published SASRec/HSTU runs do. The data lives outside the repo (GroupLens
-terms): point `--config.data.path` at a GroupLens ml-1m directory; by default it is looked
-up under $VISTA_DATA_DIR (else ../shared/data).
+terms): point `--config.data.path` at a GroupLens ml-1m directory, or set $VISTA_DATA_DIR to
+the directory holding `ml-1m/` (and `ml-100k/` for `:tiny`).
 """
 
 import os
@@ -20,7 +20,9 @@ from experiments import common
 
 
 def default_path(name: str) -> str:
-    return os.path.join(os.environ.get("VISTA_DATA_DIR", "../shared/data"), name)
+    """`$VISTA_DATA_DIR/<name>`, or "" (then --config.data.path is required) when unset."""
+    root = os.environ.get("VISTA_DATA_DIR", "")
+    return os.path.join(root, name) if root else ""
 
 
 def get_config(arg: str | None = None):

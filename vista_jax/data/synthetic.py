@@ -1,4 +1,4 @@
-"""Synthetic lifelong user histories with planted long-range structure (DESIGN.md §6).
+"""Synthetic lifelong user histories with planted long-range structure (docs/PROTOCOLS.md §3).
 
 Each user is generated independently from ``np.random.default_rng([seed, user])``, so any
 user can be produced alone, in any order, reproducibly, and nothing of shape
