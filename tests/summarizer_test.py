@@ -147,3 +147,22 @@ def test_softmax_variant_runs_and_ignores_padding():
     np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="attention='qla'"):
         model.history_states(*events)
+
+
+def test_reconstruction_cannot_copy_its_target_from_padding():
+    """A one-event history: the decoder predicts that event from padding, so its loss must not
+    depend on the event's input embedding (targets are stop-gradient). Padded window slots
+    once held the first event and leaked it through the residual stream."""
+    from vista_jax.models.summarizer import ReconstructionDecoder, reconstruction_loss
+
+    model = _model()
+    decoder = ReconstructionDecoder(model.cfg, nnx.Rngs(1))
+    item = np.zeros((1, 8), np.int32)
+    item[0, 0] = 7
+    valid = np.arange(8)[None] < 1
+    summary = jax.random.normal(jax.random.key(0), (1, model.cfg.num_seeds, model.cfg.d_model))
+
+    loss = lambda m: reconstruction_loss(m, decoder, summary, item, valid)  # noqa: E731
+    grads = nnx.grad(loss)(model)
+    assert float(loss(model)) > 0
+    np.testing.assert_array_equal(grads["embed"]["item"]["embedding"][...][7], 0.0)

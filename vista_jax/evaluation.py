@@ -67,9 +67,14 @@ def history_exclusion(seen_item_BxW: np.ndarray, target_B: np.ndarray, num_items
 def score_retrieval(data: SequenceData, model, batches, prep) -> dict[str, float]:
     catalog = np.arange(1, data.num_items + 1, dtype=np.int32)
 
+    catalog_category = data.item_category[catalog].astype(np.int32)
+
     def with_catalog(b):
         shape = (len(b["user"]), len(catalog))
-        return prep(b) | {"cand_item": np.broadcast_to(catalog, shape)}
+        return prep(b) | {  # Candidates carry their features, as in training.
+            "cand_item": np.broadcast_to(catalog, shape),
+            "cand_category": np.broadcast_to(catalog_category, shape),
+        }
 
     ranks = []
     for batch, out in predict_batches(model, batches, with_catalog):

@@ -249,20 +249,31 @@ class ReconstructionDecoder(nnx.Module):
         return self.head(x[:, k - 1 : k - 1 + m])
 
 
+def reconstruction_window(summarizer: Summarizer, item, valid, window: int):
+    """(inputs [B,M,D], targets [B,M,D], valid [B,M]) of the last M events, left-padded.
+
+    Padded slots have zero inputs: the slot before the first real event predicts it, and
+    its residual stream must not carry that event (it would copy its own target).
+    """
+    length = jnp.sum(valid, axis=1)
+    idx_BxM = length[:, None] - window + jnp.arange(window)[None]
+    window_valid = idx_BxM >= 0
+    window_item = jnp.take_along_axis(item, jnp.maximum(idx_BxM, 0), axis=1)
+    embedded = summarizer.embed.item(window_item)
+    # Unit-norm, stop-gradient targets: shrinking the embeddings cannot lower the loss.
+    targets = jax.lax.stop_gradient(
+        embedded / jnp.maximum(jnp.linalg.norm(embedded, axis=-1, keepdims=True), 1e-6)
+    )
+    inputs = jnp.where(window_valid[..., None], embedded, 0.0)
+    return inputs, targets, window_valid
+
+
 def reconstruction_loss(
     summarizer: Summarizer, decoder: ReconstructionDecoder, summary, item, valid
 ) -> jax.Array:
     """Mean squared error to stop-gradient next-item embeddings over the last M events."""
     window = decoder.position.shape[0] - summary.shape[1]
-    length = jnp.sum(valid, axis=1)
-    idx_BxM = length[:, None] - window + jnp.arange(window)[None]
-    window_valid = idx_BxM >= 0
-    window_item = jnp.take_along_axis(item, jnp.maximum(idx_BxM, 0), axis=1)
-    inputs = summarizer.embed.item(window_item)
-    # Unit-norm, stop-gradient targets: shrinking the embeddings cannot lower the loss.
-    targets = jax.lax.stop_gradient(
-        inputs / jnp.maximum(jnp.linalg.norm(inputs, axis=-1, keepdims=True), 1e-6)
-    )
+    inputs, targets, window_valid = reconstruction_window(summarizer, item, valid, window)
     preds = decoder(summary, inputs, window_valid)
     sq_err = jnp.sum(jnp.square(preds - targets), axis=-1)
     w = window_valid.astype(jnp.float32)

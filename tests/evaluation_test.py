@@ -1,0 +1,65 @@
+"""Catalog scoring for retrieval: every item with its features, history excluded, target kept."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vista_jax import evaluation
+
+NUM_ITEMS = 10
+# Even items are category 1, odd items category 2.
+ITEM_CATEGORY = np.array([0] + [2 if i % 2 else 1 for i in range(1, NUM_ITEMS + 1)], np.int32)
+
+
+class CategoryFirst(nnx.Module):
+    """Scores category 2 above category 1, then lower ids first: 1, 3, 5, 7, 9, 2, 4, ..."""
+
+    def __call__(self, batch):
+        return batch["cand_category"] * 100.0 - batch["cand_item"].astype(jnp.float32), {}
+
+
+def _data():
+    spec = types.SimpleNamespace(task="retrieval")
+    return types.SimpleNamespace(spec=spec, num_items=NUM_ITEMS, item_category=ITEM_CATEGORY)
+
+
+def _batch(targets, seen):
+    return {
+        "user": np.arange(len(targets), dtype=np.int32),
+        "target_item": np.array(targets, np.int32),
+        "seen_item": np.array(seen, np.int32),
+    }
+
+
+def test_history_is_excluded_but_the_target_is_not():
+    # Request 0: target 5 is in its own history (re-included); 1 and 3 are excluded -> rank 0.
+    # Request 1: target 2; 9 excluded -> 1, 3, 5, 7 outrank it -> rank 4.
+    batch = _batch([5, 2], [[1, 3, 5, 0], [9, 0, 0, 0]])
+    got = evaluation.score_retrieval(_data(), CategoryFirst(), [batch], lambda b: {})
+    assert got["hr@10"] == 1.0
+    assert got["mrr"] == pytest.approx((1.0 + 1.0 / 5) / 2)
+    assert got["ndcg@10"] == pytest.approx((1.0 + 1.0 / np.log2(6)) / 2)
+
+
+def test_catalog_candidates_carry_their_categories():
+    seen = {}
+
+    class Recorder(nnx.Module):
+        def __call__(self, batch):
+            keys = ("cand_item", "cand_category")
+            record = lambda *v: seen.update(zip(keys, v, strict=True))  # noqa: E731
+            jax.debug.callback(record, *(batch[k] for k in keys))
+            return jnp.zeros(batch["cand_item"].shape), {}
+
+    evaluation.score_retrieval(_data(), Recorder(), [_batch([1], [[0]])], lambda b: {})
+    np.testing.assert_array_equal(seen["cand_item"][0], np.arange(1, NUM_ITEMS + 1))
+    np.testing.assert_array_equal(seen["cand_category"][0], ITEM_CATEGORY[1:])
+
+
+def test_history_exclusion_mask():
+    mask = evaluation.history_exclusion(np.array([[2, 4, 0]]), np.array([4]), 5)
+    np.testing.assert_array_equal(mask, [[False, True, False, False, False]])
