@@ -7,10 +7,10 @@ Per block (`SequentialTransductionUnitJagged`, linear_config "uvqk", normalizati
   x'         = x + W_o Dropout(u * LN(A v)) + b_o
 
 No softmax and no 1/sqrt(d) scale: attention is point-wise SiLU divided by the sequence
-length n. The relative attention bias has one weight per relative position and one per
-log-bucket of the time gap, shared by the heads, learned per block. The reference divides by
-its padded length (211) where we divide by our padded length L; the LayerNorm that follows
-removes any constant factor (up to its eps).
+length n, a constant: the reference's padded length (211), here `max_len` (so padding never
+changes an output; the LayerNorm that follows removes the constant up to its eps). The
+relative attention bias has one weight per relative position and one per log-bucket of the
+time gap, shared by the heads, learned per block.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def time_buckets(query_time_BxL, time_BxL, num_buckets: int) -> jax.Array:
 class HSTUBlock(nnx.Module):
     def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.num_heads
-        self.num_heads, self.rate = h, cfg.dropout
+        self.num_heads, self.rate, self.max_len = h, cfg.dropout, cfg.max_len
         self.split_sizes = (h * cfg.linear_dim, h * cfg.linear_dim, h * cfg.attn_dim)
         width = 2 * h * (cfg.linear_dim + cfg.attn_dim)
         self.uvqk = param(nnx.initializers.normal(0.02), (d, width), ("embed", "heads"), rngs)
@@ -72,7 +72,7 @@ class HSTUBlock(nnx.Module):
         scores_BxHxLxL = jnp.einsum("bhle,bhme->bhlm", heads(q), heads(k))
         scores_BxHxLxL = scores_BxHxLxL + self.relative_bias(buckets_BxLxL)[:, None]
         causal_LxL = jnp.tril(jnp.ones((length, length), bool))
-        weights = jnp.where(causal_LxL, jax.nn.silu(scores_BxHxLxL) / length, 0.0)
+        weights = jnp.where(causal_LxL, jax.nn.silu(scores_BxHxLxL) / self.max_len, 0.0)
         attended_BxHxLxE = jnp.einsum("bhlm,bhme->bhle", weights, heads(v))
         attended = attended_BxHxLxE.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         gated_BxLxV = u * layer_norm(attended, _LN_EPS)
