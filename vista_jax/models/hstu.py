@@ -1,0 +1,79 @@
+"""HSTU block as in generative-recommenders `research/modeling/sequential/hstu.py`.
+
+Per block (`SequentialTransductionUnitJagged`, linear_config "uvqk", normalization "rel_bias"):
+
+  u, v, q, k = split(SiLU(LN(x) @ W_uvqk))       # one fused projection, no bias
+  A          = SiLU(q k^T + rab_p(i - j) + rab_t(bucket(t_query_i - t_j))) / n, causal
+  x'         = x + W_o Dropout(u * LN(A v)) + b_o
+
+No softmax and no 1/sqrt(d) scale: attention is point-wise SiLU divided by the sequence
+length n, a constant: the reference's padded length (211), here `max_len` (so padding never
+changes an output; the LayerNorm that follows removes the constant up to its eps). The
+relative attention bias has one weight per relative position and one per log-bucket of the
+time gap, shared by the heads, learned per block.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vista_jax.models.seq_layers import dropout, layer_norm, linear, param
+
+if TYPE_CHECKING:
+    from vista_jax.models.sequential import SequentialConfig
+
+_LN_EPS = 1e-6
+_LOG_BUCKET_DIVISOR = 0.301  # The reference's bucketization: int(ln(max(|dt|, 1)) / 0.301).
+
+
+def time_buckets(query_time_BxL, time_BxL, num_buckets: int) -> jax.Array:
+    """bucket[b, i, j] = clip(floor(ln(max(|q_i - t_j|, 1)) / 0.301), 0, num_buckets), int32.
+
+    Times are integer seconds; computed in float32 like the reference (`torch.log` of int64).
+    """
+    dt_BxLxL = query_time_BxL[:, :, None] - time_BxL[:, None, :]
+    dt_BxLxL = jnp.maximum(jnp.abs(dt_BxLxL), 1).astype(jnp.float32)
+    bucket_BxLxL = jnp.floor(jnp.log(dt_BxLxL) / _LOG_BUCKET_DIVISOR).astype(jnp.int32)
+    return jnp.clip(bucket_BxLxL, 0, num_buckets)
+
+
+class HSTUBlock(nnx.Module):
+    def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
+        d, h = cfg.d_model, cfg.num_heads
+        self.num_heads, self.rate, self.max_len = h, cfg.dropout, cfg.max_len
+        self.split_sizes = (h * cfg.linear_dim, h * cfg.linear_dim, h * cfg.attn_dim)
+        width = 2 * h * (cfg.linear_dim + cfg.attn_dim)
+        self.uvqk = param(nnx.initializers.normal(0.02), (d, width), ("embed", "heads"), rngs)
+        xavier_uniform = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        self.out = linear(h * cfg.linear_dim, d, ("heads", "embed"), rngs, xavier_uniform)
+        normal = nnx.initializers.normal(0.02)
+        self.time_bias = param(normal, (cfg.num_time_buckets + 1,), (None,), rngs)
+        # Only causal offsets i - j in [0, max_len) are ever used.
+        self.position_bias = param(normal, (cfg.max_len,), (None,), rngs)
+
+    def relative_bias(self, buckets_BxLxL) -> jax.Array:
+        length = buckets_BxLxL.shape[-1]
+        offset_LxL = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+        position_LxL = self.position_bias[...][jnp.clip(offset_LxL, 0, length - 1)]
+        return self.time_bias[...][buckets_BxLxL] + position_LxL
+
+    def __call__(self, x_BxLxD, valid_BxL, buckets_BxLxL, keys):
+        del valid_BxL  # Left-aligned padding is after every valid row: causality hides it.
+        batch, length, _ = x_BxLxD.shape
+        proj = jax.nn.silu(layer_norm(x_BxLxD, _LN_EPS) @ self.uvqk[...])
+        i1, i2, i3 = (sum(self.split_sizes[:n]) for n in (1, 2, 3))
+        u, v, q, k = proj[..., :i1], proj[..., i1:i2], proj[..., i2:i3], proj[..., i3:]
+        heads = lambda t: t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
+        scores_BxHxLxL = jnp.einsum("bhle,bhme->bhlm", heads(q), heads(k))
+        scores_BxHxLxL = scores_BxHxLxL + self.relative_bias(buckets_BxLxL)[:, None]
+        causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+        weights = jnp.where(causal_LxL, jax.nn.silu(scores_BxHxLxL) / self.max_len, 0.0)
+        attended_BxHxLxE = jnp.einsum("bhlm,bhme->bhle", weights, heads(v))
+        attended = attended_BxHxLxE.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        gated_BxLxV = u * layer_norm(attended, _LN_EPS)
+        return x_BxLxD + self.out(dropout(gated_BxLxV, self.rate, keys()))

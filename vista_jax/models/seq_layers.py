@@ -1,0 +1,78 @@
+"""Functional pieces shared by the SASRec and HSTU encoders (`sequential.py`).
+
+Parameter-free LayerNorm, L2 normalization, explicit-key dropout and parameter helpers with
+logical axis names (`vocab`, `embed`, `heads`, `mlp`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without learned scale or bias (the reference calls `F.layer_norm` bare)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / max(||x||, eps), with a finite gradient at x = 0 (padding rows)."""
+    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
+def keep_mask(key: jax.Array, shape, keep_prob: float) -> jax.Array:
+    """Bernoulli(keep_prob) mask from 16 random bits per element (two per 32-bit draw).
+
+    Random bits dominate dropout's cost on CPU; 16 bits set the probability to within 1e-5.
+    """
+    size = math.prod(shape)
+    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:size].reshape(shape)
+    return halves < round(keep_prob * 65536)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; `key=None` means deterministic (evaluation)."""
+    if key is None or rate == 0.0:
+        return x
+    return jnp.where(keep_mask(key, x.shape, 1.0 - rate), x / (1.0 - rate), 0.0)
+
+
+class KeySplitter:
+    """Hands out a fresh dropout key per call; None throughout when deterministic."""
+
+    def __init__(self, key: jax.Array | None):
+        self._key = key
+        self._count = 0
+
+    def __call__(self) -> jax.Array | None:
+        if self._key is None:
+            return None
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count)
+
+
+def xavier_normal():
+    return nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+def param(init, shape, axes, rngs: nnx.Rngs) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
+
+
+def linear(d_in, d_out, axes, rngs, kernel_init=None, use_bias=True) -> nnx.Linear:
+    """`nnx.Linear` with logical axes; xavier-normal kernel and zero bias by default."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        kernel_init=nnx.with_partitioning(kernel_init or xavier_normal(), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )

@@ -1,0 +1,133 @@
+"""SASRec and HSTU sequential encoders for retrieval (the baselines of DESIGN.md §6-7).
+
+Both follow meta-recsys/generative-recommenders (`generative_recommenders/research/`), see
+docs/RETRIEVAL_BASELINES.md for each detail and where it comes from. Shared parts live here:
+
+  input  = item_emb * sqrt(D) + learned absolute position emb -> dropout -> * valid
+  blocks = SASRec (`sasrec.py`) or HSTU (`hstu.py`), causal
+  output = L2-normalized per-position user embeddings [B, L, D]
+
+Sequences are LEFT aligned (oldest event at position 0, padding after the last event), as in
+the reference: padding then sits strictly after every valid position, so the causal mask alone
+keeps it out of every valid output. The item table is tied: the same rows embed the inputs and
+(L2-normalized, `normalized_items`) score the targets. Item id 0 is padding.
+
+Dimension letters: B batch, L positions, D model width, H heads, I items (+1 with padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vista_jax.models import hstu, sasrec
+from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, param, xavier_normal
+
+KINDS = ("sasrec", "hstu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialConfig:
+    kind: str = "sasrec"  # "sasrec" | "hstu"
+    num_items: int = 3706  # Real items 1..num_items; the table has num_items + 1 rows.
+    d_model: int = 50  # Reference item_embedding_dim for ML-1M.
+    num_blocks: int = 2
+    num_heads: int = 1
+    max_len: int = 200  # Input positions (history window).
+    dropout: float = 0.2  # Input embeddings, SASRec FFN, HSTU linear (reference 0.2).
+    attn_dropout: float = 0.2  # SASRec attention weights (torch MHA dropout); HSTU uses none.
+    ffn_hidden: int = 50  # SASRec point-wise FFN width.
+    attn_dim: int = 50  # HSTU d_qk per head.
+    linear_dim: int = 50  # HSTU d_v per head.
+    num_time_buckets: int = 128  # HSTU log-bucketed relative time bias (129 weights).
+    # HSTU: "next" = position t's time bias uses the time of the event it predicts (the
+    # reference; at evaluation that is the target's timestamp); "current" = its own time.
+    query_time: str = "next"
+    l2_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"SequentialConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.query_time not in ("next", "current"):
+            raise ValueError(f"query_time must be 'next' or 'current', got {self.query_time!r}")
+
+
+def preset(name: str, num_items: int, **overrides) -> SequentialConfig:
+    """The three ML-1M configs of the reference (`configs/ml-1m/*-final.gin`)."""
+    presets = {
+        "sasrec": dict(kind="sasrec", num_blocks=2, num_heads=1, ffn_hidden=50),
+        "hstu": dict(kind="hstu", num_blocks=2, num_heads=1, attn_dim=50, linear_dim=50),
+        "hstu_large": dict(kind="hstu", num_blocks=8, num_heads=2, attn_dim=25, linear_dim=25),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown model {name!r}; use one of {sorted(presets)}")
+    return SequentialConfig(num_items=num_items, **(presets[name] | overrides))
+
+
+# -- encoder ---------------------------------------------------------------------------------
+class InputEmbedding(nnx.Module):
+    """item * sqrt(D) + position, dropout, zero at padding."""
+
+    def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        # truncated normal(0.02) on the item table, as LocalEmbeddingModule does.
+        self.items = param(
+            nnx.initializers.truncated_normal(0.02),
+            (cfg.num_items + 1, d),
+            ("vocab", "embed"),
+            rngs,
+        )
+        # SASRec keeps the preprocessor's truncated normal(sqrt(1/D)); HSTU's reset_params
+        # re-initializes the position table with xavier normal.
+        pos_init = (
+            nnx.initializers.truncated_normal(math.sqrt(1.0 / d))
+            if cfg.kind == "sasrec"
+            else xavier_normal()
+        )
+        self.positions = param(pos_init, (cfg.max_len, d), (None, "embed"), rngs)
+        self.scale = math.sqrt(d)
+        self.rate = cfg.dropout
+
+    def __call__(self, item_BxL, valid_BxL, key):
+        length = item_BxL.shape[1]
+        x_BxLxD = self.items[...][item_BxL] * self.scale + self.positions[...][:length]
+        x_BxLxD = dropout(x_BxLxD, self.rate, key)
+        return x_BxLxD * valid_BxL[..., None].astype(x_BxLxD.dtype)
+
+
+class SequentialEncoder(nnx.Module):
+    """item/time/valid [B, L] -> (L2-normalized user embeddings [B, L, D], aux)."""
+
+    def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = InputEmbedding(cfg, rngs)
+        block = sasrec.SASRecBlock if cfg.kind == "sasrec" else hstu.HSTUBlock
+        self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_blocks)])
+
+    def normalized_items(self) -> jax.Array:
+        """The tied item table, L2-normalized: [I + 1, D] (row 0 is padding)."""
+        return l2_normalize(self.items_table(), self.cfg.l2_eps)
+
+    def items_table(self) -> jax.Array:
+        return self.embed.items[...]
+
+    def __call__(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None):
+        keys = KeySplitter(dropout_key)
+        x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
+        context = None
+        if self.cfg.kind == "hstu":
+            query_BxL = next_time_BxL if self.cfg.query_time == "next" else time_BxL
+            context = hstu.time_buckets(query_BxL, time_BxL, self.cfg.num_time_buckets)
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, valid_BxL, context, keys)
+        return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"encoded": x_BxLxD}
+
+    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None):
+        """Deterministic embedding at each row's last valid position: [B, D]."""
+        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL)
+        last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
+        return jnp.take_along_axis(user_BxLxD, last_B[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,192 @@
+"""Retrieval training and scoring for the sequential encoders (SASRec, HSTU).
+
+Follows generative-recommenders `research/` (see docs/RETRIEVAL_BASELINES.md):
+
+* every valid position t is supervised by the item at t + 1 (sampled softmax);
+* 128 negatives drawn uniformly from the catalog independently for every position
+  (`LocalNegativesSampler`), a negative equal to the position's positive gets logit -5e4;
+* logits are cosines (L2-normalized user and item embeddings) over temperature 0.05;
+* the loss is the mean over supervised positions of the whole batch;
+* Adam(W) with lr 1e-3, betas (0.9, 0.98), weight decay 0 (the ML-1M gin files), no warmup.
+
+Uniform per-position negatives never need a [B, L, R, D] gather of embeddings: their logits
+are entries of the dense [B, L, I] cosine matrix, one matmul against the normalized table, and
+a gather of scalars from it (`per_position`, exact). `per_row` shares R negatives among a
+row's positions (a cheaper variant, not the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from vista_jax.models.sequential import SequentialEncoder
+
+NEGATIVE_SAMPLING = ("per_position", "per_row")
+_MASKED_LOGIT = -5e4  # The reference's logit for a negative equal to the positive.
+
+
+def uniform_items(key, shape, num_items: int) -> jax.Array:
+    """Uniform ids in 1..num_items: 32 random bits mod num_items (bias < num_items / 2^32).
+
+    Half the cost of `jax.random.randint` (which draws twice to remove that bias).
+    """
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return (bits % jnp.uint32(num_items)).astype(jnp.int32) + 1
+
+
+def sampled_softmax_loss(
+    user_BxLxD,
+    target_BxL,
+    items_IxD,
+    key,
+    num_negatives: int = 128,
+    temperature: float = 0.05,
+    sampling: str = "per_position",
+    max_positions: int | None = None,
+):
+    """Mean over positions with target > 0 of -log softmax([pos, negatives])[pos].
+
+    `items_IxD` is the normalized tied table with padding row 0; negatives are uniform over
+    items 1..I-1. `max_positions` (per_position only) first packs the supervised positions
+    into that many slots, so padding costs nothing; it must be >= their count (the caller
+    picks it per batch). Returns (loss, metrics).
+    """
+    if sampling not in NEGATIVE_SAMPLING:
+        raise ValueError(f"sampling must be one of {NEGATIVE_SAMPLING}, got {sampling!r}")
+    if max_positions is not None and sampling == "per_position":
+        user_BxLxD, target_BxL = _pack_positions(user_BxLxD, target_BxL, max_positions)
+    num_items = items_IxD.shape[0] - 1
+    batch, length = target_BxL.shape
+    if sampling == "per_position":
+        neg_BxLxR = uniform_items(key, (batch, length, num_negatives), num_items)
+        # Every sampled logit is an entry of the dense cosine matrix: one matmul, then a
+        # gather of scalars (cheaper on CPU than gathering [B, L, R, D] embeddings).
+        logits_BxLxI = jnp.einsum("bld,id->bli", user_BxLxD, items_IxD)
+        pos_BxL = jnp.take_along_axis(logits_BxLxI, target_BxL[..., None], axis=-1)[..., 0]
+        neg_logits = jnp.take_along_axis(logits_BxLxI, neg_BxLxR, axis=-1)
+    else:
+        neg_BxR = uniform_items(key, (batch, num_negatives), num_items)
+        neg_BxLxR = jnp.broadcast_to(neg_BxR[:, None], (batch, length, num_negatives))
+        pos_BxL = jnp.einsum("bld,bld->bl", user_BxLxD, items_IxD[target_BxL])
+        neg_logits = jnp.einsum("bld,brd->blr", user_BxLxD, items_IxD[neg_BxR])
+    collide_BxLxR = neg_BxLxR == target_BxL[..., None]
+    neg_logits = jnp.where(collide_BxLxR, _MASKED_LOGIT, neg_logits / temperature)
+    logits = jnp.concatenate([pos_BxL[..., None] / temperature, neg_logits], axis=-1)
+    nll_BxL = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    weight_BxL = (target_BxL > 0).astype(nll_BxL.dtype)
+    count = jnp.sum(weight_BxL)
+    loss = jnp.sum(nll_BxL * weight_BxL) / jnp.maximum(count, 1.0)
+    collisions = jnp.sum(collide_BxLxR * weight_BxL[..., None])
+    return loss, {"loss": loss, "positions": count, "masked_negatives": collisions}
+
+
+def _pack_positions(user_BxLxD, target_BxL, capacity: int):
+    """The supervised positions gathered into [1, capacity] (empty slots get target 0)."""
+    target_N = target_BxL.reshape(-1)
+    (index_C,) = jnp.nonzero(target_N > 0, size=capacity, fill_value=0)
+    filled_C = jnp.arange(capacity) < jnp.sum(target_N > 0)
+    user_CxD = user_BxLxD.reshape(-1, user_BxLxD.shape[-1])[index_C]
+    return user_CxD[None], jnp.where(filled_C, target_N[index_C], 0)[None]
+
+
+def position_capacity(num_positions: int, batch_positions: int, buckets: int = 8) -> int:
+    """`num_positions` rounded up to a multiple of batch_positions / buckets (few compiles)."""
+    step = -(-batch_positions // buckets)
+    return min(batch_positions, max(step, -(-num_positions // step) * step))
+
+
+# -- catalog scoring --------------------------------------------------------------------------
+def catalog_scores(user_BxD, items_IxD) -> jax.Array:
+    """Cosine of each user with every item, [B, I]; the padding column 0 is -inf."""
+    scores_BxI = user_BxD @ items_IxD.T
+    return scores_BxI.at[:, 0].set(-jnp.inf)
+
+
+def seen_mask(history_BxW, num_columns: int) -> np.ndarray:
+    """bool [B, num_columns]: items in each row's history window (and padding column 0)."""
+    history_BxW = np.asarray(history_BxW)
+    mask = np.zeros((len(history_BxW), num_columns), bool)
+    mask[np.arange(len(history_BxW))[:, None], history_BxW] = True
+    mask[:, 0] = True
+    return mask
+
+
+# -- optimizer and train step -----------------------------------------------------------------
+def make_optimizer(
+    learning_rate: float = 1e-3, b2: float = 0.98, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """torch.optim.AdamW(lr, betas=(0.9, b2), eps=1e-8, weight_decay) as the reference uses."""
+    return optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def batch_inputs(batch) -> tuple:
+    """(item, valid, time, next_time) from a batch of `vista_jax.data.sequences`."""
+    return batch["item"], batch["item"] > 0, batch["time"], batch["next_time"]
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    num_negatives: int = 128,
+    temperature: float = 0.05,
+    sampling: str = "per_position",
+    max_positions: int | None = None,
+) -> Callable:
+    """train_step(state, batch, key) -> (state, metrics): pure; jit it with donated state.
+
+    `max_positions`: see `sampled_softmax_loss` (one jitted step per capacity).
+    """
+
+    def loss_of(params, batch, key):
+        model: SequentialEncoder = nnx.merge(graphdef, params)
+        dropout_key, negatives_key = jax.random.split(key)
+        user_BxLxD, _ = model(*batch_inputs(batch), dropout_key=dropout_key)
+        return sampled_softmax_loss(
+            user_BxLxD,
+            batch["target"],
+            model.normalized_items(),
+            negatives_key,
+            num_negatives,
+            temperature,
+            sampling,
+            max_positions,
+        )
+
+    def train_step(state: TrainState, batch, key):
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(key, state.step))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def make_score_fn(graphdef) -> Callable:
+    """score(params, batch) -> catalog scores [B, I] at each row's last valid position."""
+
+    def score(params, batch):
+        model: SequentialEncoder = nnx.merge(graphdef, params)
+        user_BxD = model.encode_last(*batch_inputs(batch))
+        return catalog_scores(user_BxD, model.normalized_items())
+
+    return score
