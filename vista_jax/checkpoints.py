@@ -10,6 +10,7 @@ newest good one, with a warning naming the bad step.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 from collections.abc import Mapping
@@ -19,6 +20,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vista_jax.errors import CheckpointError
+
+# Restoring one item of a multi-item step makes Orbax warn about every other item, several
+# times per restore; restoring a subset is this module's design, so those lines are dropped.
+logging.getLogger("absl").addFilter(
+    lambda record: "could not be restored" not in record.getMessage()
+)
 
 DATA_ITEM = "data"
 OPT_ITEM = "opt_state"

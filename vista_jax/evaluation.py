@@ -91,8 +91,9 @@ def results_table(results: dict) -> str:
         f"{results['cache']['version']} ({results['cache']['quantization']})",
         f"{'model':<24} " + " ".join(f"{n:>8}" for n in names),
     ]
+    show = lambda v: f"{int(v):>8d}" if float(v).is_integer() and abs(v) > 1 else f"{v:>8.4f}"  # noqa: E731
     for model, m in results["models"].items():
-        lines.append(f"{model:<24} " + " ".join(f"{m[n]:>8.4f}" for n in names))
+        lines.append(f"{model:<24} " + " ".join(show(m[n]) for n in names))
     if "oracle_auc" in results:
         lines.append(f"{'oracle':<24} {results['oracle_auc']:>8.4f}")
     return "\n".join(lines)

@@ -28,10 +28,10 @@ from absl import app, flags
 from flax import nnx
 
 from vista_jax import retrieval
-from vista_jax.models.sequential import SequentialEncoder, preset
+from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["sasrec", "hstu", "hstu_large"], "Presets to time.")
+flags.DEFINE_list("models", ["sasrec", "hstu", "hstu_large", "vista"], "Presets to time.")
 flags.DEFINE_list("sampling", ["per_position", "per_row"], "Negative sampling variants.")
 flags.DEFINE_integer("steps", 5, "Timed steps per model (after 2 warm-up steps).")
 flags.DEFINE_integer("batch", 128, "Sequences per step.")
@@ -56,7 +56,7 @@ def synthetic_batch(batch: int, window: int, num_items: int, seed: int = 0):
 def time_model(name: str, sampling: str) -> dict:
     cfg = preset(name, FLAGS.num_items, d_model=FLAGS.d_model, max_len=FLAGS.window)
     tx = retrieval.make_optimizer()
-    graphdef, state = retrieval.init_train_state(SequentialEncoder(cfg, nnx.Rngs(0)), tx)
+    graphdef, state = retrieval.init_train_state(build_encoder(cfg, nnx.Rngs(0)), tx)
     step = jax.jit(
         retrieval.make_train_step(graphdef, tx, FLAGS.num_negatives, sampling=sampling),
         donate_argnums=0,

@@ -30,13 +30,13 @@ from flax import nnx
 
 from vista_jax import metrics, retrieval
 from vista_jax.data import sequences
-from vista_jax.data.eventlog import load_event_log
-from vista_jax.models.sequential import SequentialEncoder, preset
+from vista_jax.data.loaders import load_event_log
+from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "sasrec", ["sasrec", "hstu", "hstu_large"], "Encoder preset.")
+flags.DEFINE_enum("model", "sasrec", ["sasrec", "hstu", "hstu_large", "vista"], "Encoder preset.")
 flags.DEFINE_enum("data", "ml-1m", ["ml-1m", "ml-100k"], "Dataset.")
-flags.DEFINE_string("data_dir", os.environ.get("VISTA_DATA_DIR", "../shared/data"), "Data root.")
+flags.DEFINE_string("data_dir", os.environ.get("VISTA_DATA_DIR", ""), "Data root.")
 flags.DEFINE_integer("epochs", 10, "Training epochs (one row per user per epoch).")
 flags.DEFINE_integer("eval_every", 1, "Evaluate valid and test every K epochs (and at the end).")
 flags.DEFINE_float("time_budget_min", 0.0, "Stop after the epoch that passes this (0 = off).")
@@ -52,6 +52,9 @@ flags.DEFINE_bool("train_on_valid", False, "Reference setting: train on all but 
 flags.DEFINE_enum("sampling", "per_position", retrieval.NEGATIVE_SAMPLING, "Negatives.")
 flags.DEFINE_enum("query_time", "next", ["next", "current"], "HSTU time-bias query time.")
 flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
+flags.DEFINE_integer("num_seeds", 32, "VISTA: summary tokens per snapshot.")
+flags.DEFINE_integer("snapshot_every", 40, "VISTA: events per snapshot (divides --window).")
+flags.DEFINE_integer("num_recent", 64, "VISTA: raw recent events each position reads.")
 
 KS = (10, 50, 200)
 
@@ -104,8 +107,15 @@ def train_and_evaluate() -> dict:
         f"{len(splits.train['item'])} train rows, {len(splits.test['item'])} requests"
     )
     # ==== model and optimizer =================================================================
-    cfg = preset(FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time)
-    model = SequentialEncoder(cfg, nnx.Rngs(FLAGS.seed))
+    vista = dict(
+        num_seeds=FLAGS.num_seeds,
+        snapshot_every=FLAGS.snapshot_every,
+        num_recent=FLAGS.num_recent,
+    )
+    cfg = preset(
+        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time, **vista
+    )
+    model = build_encoder(cfg, nnx.Rngs(FLAGS.seed))
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -121,6 +131,11 @@ def train_and_evaluate() -> dict:
         return steps[capacity]
 
     score_fn = jax.jit(retrieval.make_score_fn(graphdef))
+    int8_score_fn = None
+    if cfg.kind == "vista":  # Stage 2 on int8 summaries: what a model reading the cache sees.
+        quantized = nnx.merge(graphdef, state.params)
+        quantized.quantize_summaries = True
+        int8_score_fn = jax.jit(retrieval.make_score_fn(nnx.split(quantized, nnx.Param)[0]))
     key = jax.random.key(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
     batch_positions = FLAGS.batch_size * FLAGS.window
@@ -145,6 +160,10 @@ def train_and_evaluate() -> dict:
             for split in ("valid", "test"):
                 row[split] = evaluate(
                     score_fn, state.params, getattr(splits, split), FLAGS.eval_batch_size
+                )
+            if int8_score_fn is not None:
+                row["test_int8_summaries"] = evaluate(
+                    int8_score_fn, state.params, splits.test, FLAGS.eval_batch_size
                 )
             row["eval_seconds"] = time.time() - t1
             evals.append(row)

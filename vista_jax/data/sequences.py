@@ -1,4 +1,4 @@
-"""Leave-one-out sequences for SASRec/HSTU retrieval (the HSTU protocol of DESIGN.md §6).
+"""Leave-one-out sequences for SASRec/HSTU retrieval (the HSTU protocol, docs/PROTOCOLS.md §1).
 
 Per user, events sorted by time: the last is the test target, the second to last the
 validation target, the rest train. Rows are LEFT aligned windows of at most W events (padding

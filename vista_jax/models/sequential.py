@@ -1,4 +1,4 @@
-"""SASRec and HSTU sequential encoders for retrieval (the baselines of DESIGN.md §6-7).
+"""SASRec and HSTU sequential encoders for retrieval (the baselines of docs/PROTOCOLS.md §1, §4).
 
 Both follow meta-recsys/generative-recommenders (`generative_recommenders/research/`), see
 docs/RETRIEVAL_BASELINES.md for each detail and where it comes from. Shared parts live here:
@@ -27,7 +27,7 @@ from flax import nnx
 from vista_jax.models import hstu, sasrec
 from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, param, xavier_normal
 
-KINDS = ("sasrec", "hstu")
+KINDS = ("sasrec", "hstu", "vista")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,13 @@ class SequentialConfig:
     # reference; at evaluation that is the target's timestamp); "current" = its own time.
     query_time: str = "next"
     l2_eps: float = 1e-6
+    # VISTA retriever (`vista_retriever.py`): K seeds read a snapshot every S events; stage 2
+    # reads the K summary tokens of its snapshot plus the last R raw events.
+    num_seeds: int = 32
+    snapshot_every: int = 40
+    num_recent: int = 64
+    summary_layers: int = 2
+    summary_heads: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,10 +69,21 @@ def preset(name: str, num_items: int, **overrides) -> SequentialConfig:
         "sasrec": dict(kind="sasrec", num_blocks=2, num_heads=1, ffn_hidden=50),
         "hstu": dict(kind="hstu", num_blocks=2, num_heads=1, attn_dim=50, linear_dim=50),
         "hstu_large": dict(kind="hstu", num_blocks=8, num_heads=2, attn_dim=25, linear_dim=25),
+        # SASRec-sized stage 2 over [K summary tokens; last R events] per position.
+        "vista": dict(kind="vista", num_blocks=2, num_heads=1, ffn_hidden=50),
     }
     if name not in presets:
         raise ValueError(f"unknown model {name!r}; use one of {sorted(presets)}")
     return SequentialConfig(num_items=num_items, **(presets[name] | overrides))
+
+
+def build_encoder(cfg: SequentialConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The encoder a config names: `SequentialEncoder` (SASRec, HSTU) or `VistaRetriever`."""
+    if cfg.kind == "vista":
+        from vista_jax.models.vista_retriever import VistaRetriever  # noqa: PLC0415
+
+        return VistaRetriever(cfg, rngs)
+    return SequentialEncoder(cfg, rngs)
 
 
 # -- encoder ---------------------------------------------------------------------------------

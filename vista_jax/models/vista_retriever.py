@@ -1,0 +1,168 @@
+"""The VISTA retriever: every position reads its snapshot's summary plus the last R events.
+
+Trained like SASRec/HSTU (every position supervised by the next item, sampled softmax over
+L2-normalized tied item embeddings), in one pass over a left-aligned window of L events:
+
+  stage 1  causal QLA layers scan the window in chunks of S events; the per-layer states
+           after each chunk are the snapshots 0..L/S (snapshot j covers events [0, jS));
+           learned seeds read each snapshot's states -> K summary tokens per snapshot.
+  stage 2  position t (which predicts event t+1) attends, SASRec-style, to the K summary
+           tokens of snapshot j(t) = (t+1) // S and to the raw events (t-R, t] (R >= S, so
+           every event before t+1 is in the summary or in the raw window; none after).
+
+So stage 2 reads K + R tokens per position, whatever the history length: with the summaries
+cached, serving cost does not grow with history. The mask is static (snapshots sit at fixed
+window positions), so one batched attention serves every position.
+
+Dimension letters: B batch, L positions, K seeds, J snapshots (L/S + 1), D width, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vista_jax.config import SummarizerConfig
+from vista_jax.models import qla
+from vista_jax.models.layers import rms_norm
+from vista_jax.models.sasrec import _LN_EPS
+from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm, linear
+from vista_jax.models.summarizer import SummarizerLayer
+from vista_jax.quantize import dequantize_int8, quantize_int8
+
+
+def stage2_mask(length: int, snapshot_every: int, num_seeds: int, num_recent: int) -> np.ndarray:
+    """bool [L, J*K + L]: position t sees snapshot (t+1)//S's K tokens and events (t-R, t]."""
+    t = np.arange(length)[:, None]
+    num_snapshots = length // snapshot_every + 1
+    snapshot_of_key = np.repeat(np.arange(num_snapshots), num_seeds)[None]
+    summary = snapshot_of_key == (t + 1) // snapshot_every
+    u = np.arange(length)[None]
+    recent = (u <= t) & (u > t - num_recent)
+    return np.concatenate([summary, recent], axis=1)
+
+
+class SummaryAttentionBlock(nnx.Module):
+    """A SASRec block whose keys are [summary tokens; raw events] under `stage2_mask`."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
+        init = nnx.initializers.normal(math.sqrt(2.0 / (4 * d)))
+        self.query = linear(d, d, ("embed", "heads"), rngs, kernel_init=init)
+        self.key_value = linear(d, 2 * d, ("embed", "heads"), rngs, kernel_init=init)
+        self.out = linear(d, d, ("heads", "embed"), rngs)
+        self.ffn_in = linear(d, cfg.ffn_hidden, ("embed", "mlp"), rngs)
+        self.ffn_out = linear(cfg.ffn_hidden, d, ("mlp", "embed"), rngs)
+
+    def _heads(self, x):  # [B, N, D] -> [B, H, N, E]
+        return x.reshape(x.shape[:-1] + (self.num_heads, -1)).transpose(0, 2, 1, 3)
+
+    def __call__(self, x_BxLxD, summary_BxNxD, mask_LxM, valid_BxL, keys):
+        q_in = layer_norm(x_BxLxD, _LN_EPS)
+        k, v = jnp.split(self.key_value(jnp.concatenate([summary_BxNxD, x_BxLxD], 1)), 2, -1)
+        q, k, v = self._heads(self.query(q_in)), self._heads(k), self._heads(v)
+        logits = jnp.einsum("bhle,bhme->bhlm", q / math.sqrt(q.shape[-1]), k)
+        weights = jax.nn.softmax(jnp.where(mask_LxM, logits, -1e30), axis=-1)
+        attended = jnp.einsum("bhlm,bhme->bhle", dropout(weights, self.attn_rate, keys()), v)
+        attended = attended.transpose(0, 2, 1, 3).reshape(x_BxLxD.shape)
+        y = layer_norm(q_in + self.out(attended), _LN_EPS)
+        h = dropout(jax.nn.relu(self.ffn_in(y)), self.rate, keys())
+        out = y + dropout(self.ffn_out(h), self.rate, keys())
+        return out * valid_BxL[..., None].astype(out.dtype)
+
+
+class SnapshotSummarizer(nnx.Module):
+    """Causal QLA layers over chunks of S events; K seed tokens read each snapshot."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        scfg = SummarizerConfig(
+            num_items=cfg.num_items, d_model=cfg.d_model, num_heads=cfg.summary_heads,
+            num_layers=cfg.summary_layers, num_seeds=cfg.num_seeds,
+            sglu_hidden=2 * cfg.d_model,
+        )  # fmt: skip
+        self.cfg = scfg
+        self.layers = nnx.List([SummarizerLayer(scfg, rngs) for _ in range(scfg.num_layers)])
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("seeds", "embed"))
+        self.seeds = nnx.Param(init(rngs.params(), (scfg.num_seeds, scfg.d_model)))
+        self.final_norm = rms_norm(scfg.d_model, rngs)
+
+    def snapshot_states(self, x_BxLxD, valid_BxL, every: int) -> list[qla.QLAState]:
+        """Per layer, the states of snapshots 0..L/S stacked on a leading J axis."""
+        e = self.cfg.d_model // self.cfg.num_heads
+        states = [qla.QLAState.zeros(x_BxLxD.shape[0], self.cfg.num_heads, e) for _ in self.layers]
+        snaps = [states]
+        for start in range(0, x_BxLxD.shape[1] - every + 1, every):
+            h, valid = x_BxLxD[:, start : start + every], valid_BxL[:, start : start + every]
+            new = []
+            for layer, state in zip(self.layers[:-1], states[:-1], strict=True):
+                h, state = layer.history(h, valid, state, "parallel")
+                new.append(state)
+            states = new + [self.layers[-1].fold_state(h, valid, states[-1])]
+            snaps.append(states)
+        return [jax.tree.map(lambda *s: jnp.stack(s), *per) for per in zip(*snaps, strict=True)]
+
+    def __call__(self, x_BxLxD, valid_BxL, every: int) -> jax.Array:
+        """Summary tokens of every snapshot: [B, J, K, D]."""
+        stacked = self.snapshot_states(x_BxLxD, valid_BxL, every)
+        j, b = stacked[0].count.shape
+        flat = [jax.tree.map(lambda s: s.reshape((j * b,) + s.shape[2:]), s) for s in stacked]
+        t = jnp.broadcast_to(self.seeds[...], (j * b,) + self.seeds.shape)
+        for layer, state in zip(self.layers, flat, strict=True):
+            t = layer.seeds(t, state)
+        return self.final_norm(t).reshape((j, b) + t.shape[1:]).transpose(1, 0, 2, 3)
+
+
+class VistaRetriever(nnx.Module):
+    """item/time/valid [B, L] -> (L2-normalized user embeddings [B, L, D], aux).
+
+    The same interface as `SequentialEncoder`, so the retrieval harness trains either.
+    `quantize_summaries` runs stage 2 on int8 summaries (one scale per token), as a model
+    reading the cache does.
+    """
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        from vista_jax.models.sequential import InputEmbedding  # Avoids an import cycle.
+
+        if cfg.max_len % cfg.snapshot_every or cfg.num_recent < cfg.snapshot_every:
+            raise ValueError("need max_len % snapshot_every == 0 and num_recent >= snapshot_every")
+        self.cfg = cfg
+        self.embed = InputEmbedding(cfg, rngs)
+        self.summarizer = SnapshotSummarizer(cfg, rngs)
+        self.blocks = nnx.List([SummaryAttentionBlock(cfg, rngs) for _ in range(cfg.num_blocks)])
+        self.quantize_summaries = False
+
+    def items_table(self) -> jax.Array:
+        return self.embed.items[...]
+
+    def normalized_items(self) -> jax.Array:
+        return l2_normalize(self.items_table(), self.cfg.l2_eps)
+
+    def summaries(self, item_BxL, valid_BxL, dropout_key=None) -> jax.Array:
+        x = self.embed(item_BxL, valid_BxL, dropout_key)
+        return self.summarizer(x, valid_BxL, self.cfg.snapshot_every)
+
+    def __call__(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None):
+        del time_BxL, next_time_BxL  # Position and order only, as SASRec.
+        keys = KeySplitter(dropout_key)
+        x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
+        summary_BxJxKxD = self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every)
+        if self.quantize_summaries:
+            q, scale = quantize_int8(summary_BxJxKxD)
+            summary_BxJxKxD = dequantize_int8(q, scale)
+        b, j, k, d = summary_BxJxKxD.shape
+        summary_BxNxD = summary_BxJxKxD.reshape(b, j * k, d)
+        mask = stage2_mask(item_BxL.shape[1], self.cfg.snapshot_every, k, self.cfg.num_recent)
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, summary_BxNxD, mask, valid_BxL, keys)
+        return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"summary": summary_BxJxKxD}
+
+    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None):
+        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL)
+        last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
+        return jnp.take_along_axis(user_BxLxD, last_B[:, None, None], axis=1)[:, 0]
