@@ -158,3 +158,25 @@ def test_training_reduces_loss_on_a_cyclic_pattern(name):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
     scores = np.asarray(retrieval.make_score_fn(graphdef)(state.params, data))
     assert np.mean(np.argmax(scores, 1) == np.asarray(walk[:, -1])) > 0.8
+
+
+def test_sampled_logits_gradients_match_dense_autodiff():
+    rng = np.random.default_rng(0)
+    user = jnp.asarray(rng.normal(size=(37, 4)), jnp.float32)  # Not a multiple of the chunk.
+    items = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 9, (37, 6)), jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(37, 6)), jnp.float32)
+
+    def dense(u, t):
+        return jnp.sum(jnp.take_along_axis(u @ t.T, ids, axis=-1) * weights)
+
+    def chunked(u, t):
+        return jnp.sum(retrieval.sampled_logits(u, t, ids, 8) * weights)
+
+    np.testing.assert_allclose(chunked(user, items), dense(user, items), rtol=1e-5)
+    for got, want in zip(
+        jax.grad(chunked, argnums=(0, 1))(user, items),
+        jax.grad(dense, argnums=(0, 1))(user, items),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
