@@ -221,14 +221,11 @@ def _segments(config: SyntheticConfig, ui: UserInterests):
     return segs
 
 
-def _generate(config: SyntheticConfig, user: int):
-    """Returns (record, meta); meta has per-candidate info for the oracle diagnostics."""
-    rng = np.random.default_rng([config.seed, int(user)])
-    ui = _draw_interests(config, rng)
+def _events(config: SyntheticConfig, ui: UserInterests, rng: np.random.Generator):
+    """(topic, item, action, time) of the history plus the recent events."""
     total = config.history_len + config.num_recent
     T, ipt = config.num_topics, config.items_per_topic
-
-    # --- events: topic per event, segment by segment (vectorized within a segment)
+    # Topic per event, segment by segment (vectorized within a segment).
     topic = np.empty(total, np.int64)
     is_noise = rng.random(total) < config.noise_frac
     for s, e, t, w in _segments(config, ui):
@@ -241,26 +238,22 @@ def _generate(config: SyntheticConfig, user: int):
     gaps = np.floor(rng.exponential(config.mean_gap_s, size=total)).astype(np.int64)
     gaps[0] = 0
     start = _TIME_BASE + int(rng.integers(0, config.max_start_offset_s + 1))
-    time = start + np.cumsum(gaps)
+    return topic, item, action, start + np.cumsum(gaps)
 
-    # --- candidates at the request
-    C = config.num_candidates
+
+def _candidates(config: SyntheticConfig, ui: UserInterests, rng, topic: np.ndarray):
+    """(cand_item, label, prob, meta) of the request; labels drawn from known probabilities."""
+    C, T, ipt = config.num_candidates, config.num_topics, config.items_per_topic
     src = rng.choice(4, size=C, p=config._cand_fracs())
     u = rng.random(C)
-    pools = [
-        ui.dormant,
-        ui.decoy,
-        np.concatenate([ui.active, ui.returning]),
-        np.arange(T),
-    ]
+    pools = [ui.dormant, ui.decoy, np.concatenate([ui.active, ui.returning]), np.arange(T)]
     cand_topic = np.empty(C, np.int64)
     for k, pool in enumerate(pools):
         m = src == k
         cand_topic[m] = pool[np.minimum((u[m] * len(pool)).astype(np.int64), len(pool) - 1)]
     cand_item = (1 + cand_topic * ipt + rng.integers(0, ipt, size=C)).astype(np.int32)
 
-    recent_topic = topic[config.history_len :]
-    recent_count = np.bincount(recent_topic, minlength=T)[cand_topic]
+    recent_count = np.bincount(topic[config.history_len :], minlength=T)[cand_topic]
     in_dormant = np.isin(cand_topic, ui.dormant)
     in_returning = np.isin(cand_topic, ui.returning)
     in_active = np.isin(cand_topic, ui.active)
@@ -274,7 +267,18 @@ def _generate(config: SyntheticConfig, user: int):
     )
     prob = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(C) < prob).astype(np.float32)
+    # class: 0 other, 1 dormant, 2 returning, 3 active (disjoint sets)
+    cls = np.where(in_dormant, 1, np.where(in_returning, 2, np.where(in_active, 3, 0)))
+    meta = {"cls": cls, "recent_count": recent_count, "effect": eff}
+    return cand_item, label, prob, meta
 
+
+def _generate(config: SyntheticConfig, user: int):
+    """Returns (record, meta); meta has per-candidate info for the oracle diagnostics."""
+    rng = np.random.default_rng([config.seed, int(user)])
+    ui = _draw_interests(config, rng)
+    topic, item, action, time = _events(config, ui, rng)
+    cand_item, label, prob, meta = _candidates(config, ui, rng, topic)
     record = {
         "user": np.int64(user),
         "item": item,
@@ -285,9 +289,6 @@ def _generate(config: SyntheticConfig, user: int):
         "cand_label": label,
         "cand_prob": prob.astype(np.float32),
     }
-    # class: 0 other, 1 dormant, 2 returning, 3 active (disjoint sets)
-    cls = np.where(in_dormant, 1, np.where(in_returning, 2, np.where(in_active, 3, 0)))
-    meta = {"cls": cls, "recent_count": recent_count, "effect": eff}
     return record, meta
 
 
