@@ -28,6 +28,7 @@ def test_short_users_are_left_out_of_validation_and_test(tmp_path, capsys):
         targets = [int(r["target_item"]) for r in requests]
         records = [data.source[u] for u in (0, 2)]
         assert targets == [int(rec["item"][len(rec["item"]) - offset]) for rec in records]
-    train_users = {int(ex["user"]) for ex, _ in zip(inputs.train_examples(data, 0), range(50))}
+    stream = inputs.train_examples(data, 0)
+    train_users = {int(stream[i]["user"]) for i in range(50)}
     assert train_users == {0, 2}
     assert np.all(data.lengths == [5, 2, 6])
