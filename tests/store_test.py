@@ -232,15 +232,21 @@ def test_user_keyed_format_1_manifest_is_refused(memory_root):
     old |= {"format_version": 1, "num_users": R, "chunk_users": 64}
     kvstore = ts.KvStore.open(root, context=context).result()
     kvstore.write("versions/v1/manifest.json", json.dumps(old).encode()).result()
-    with pytest.raises(SummaryStoreError, match=r"format_version 1, this reader reads 2\)"):
+    with pytest.raises(SummaryStoreError, match=r"format_version 1, this reader reads 2 or 3\)"):
         SummaryStore.open(root, context=context)
 
 
 def test_published_version_is_not_overwritten(memory_root):
     root, context = memory_root
-    _write(root, context=context)
-    with pytest.raises(SummaryStoreError, match="'v1' is already published"):
+    x = _summaries()
+    _write(root, summaries=x, context=context)
+    with pytest.raises(SummaryStoreError, match="'v1' is already published .*Fix: write a new"):
         _write(root, summaries=_summaries(seed=5), context=context)
+    with pytest.raises(SummaryStoreError, match=r"'v1' is already published .*\(config_hash"):
+        _write(root, summaries=x, config_hash="cfg-b", context=context)
+    np.testing.assert_array_equal(
+        SummaryStore.open(root, context=context).read(np.arange(R)).present, np.ones(R, bool)
+    )
 
 
 # --------------------------------------------------------------------------- atomic publishing
@@ -262,7 +268,7 @@ def test_failed_write_leaves_old_version_current(tmp_path):
     np.testing.assert_array_equal(store.read(np.arange(R)).summaries, x1)
     with pytest.raises(SummaryStoreError, match="'v2' .* is not published"):
         SummaryStore.open(root, version="v2")
-    # A retry under the same id replaces the unpublished leftovers.
+    # A retry under the same id writes its own attempt; the failed one deleted its arrays.
     x2 = _summaries(seed=3)
     _write(root, version="v2", summaries=x2, quantization="none")
     np.testing.assert_array_equal(SummaryStore.open(root).read(np.arange(R)).summaries, x2)

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
 from vista_jax.models.sequential import SequentialEncoder
+from vista_jax.train import TrainState, init_train_state  # noqa: F401  (one train state)
 
 NEGATIVE_SAMPLING = ("per_position", "per_row")
 _MASKED_LOGIT = -5e4  # The reference's logit for a negative equal to the positive.
@@ -182,18 +182,6 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """torch.optim.AdamW(lr, betas=(0.9, b2), eps=1e-8, weight_decay) as the reference uses."""
     return optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay)
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
 def batch_inputs(batch) -> tuple:

@@ -6,23 +6,24 @@ event. The store knows only dense row ids in ``[0, num_rows)``; the caller maps 
 row ``row_offsets[u] + j``).
 
 A store root is any TensorStore kvstore (a local path, ``"memory://"``, ``"gs://..."``,
-``"s3://..."`` or a spec dict). Its keys (CURRENT, ``versions/<version>/manifest.json`` and
-the version's zarr3 arrays summary, scale, present, coverage and named extras, chunked by
+``"s3://..."`` or a spec dict). Its keys (CURRENT, ``versions/<v>/manifest.json`` and each
+write attempt's zarr3 arrays summary, scale, present, coverage and named extras, chunked by
 blocks of ``chunk_rows`` rows) are laid out in `vista_jax.store_layout`; quantization is
 `vista_jax.quantize`; row-block writing is `vista_jax.store_write`. This module opens,
-reads, writes and publishes versions.
+reads, writes, publishes and garbage-collects versions.
 
-Atomicity rule: a version's arrays are written and committed first, then its manifest, then
-CURRENT, each a single kvstore write (temp file + rename with the file driver, one object PUT
-on GCS/S3). A reader follows CURRENT to a manifest, so it sees the old version or the new one,
-never a mix. A write that fails midway leaves CURRENT and the old version untouched; its
-partial data is unpublished and is deleted by the next write of that version id. Published
-versions are immutable. One writer per version id at a time.
+Publication cannot tear (the protocol is in `vista_jax.store_layout`): each write attempt
+has its own arrays, the manifest is created only if absent, CURRENT moves by compare-and-swap
+and never back to an older build, a rerun of an identical build completes its publication,
+and only `SummaryStore.collect_garbage` deletes. A reader sees one whole version, and a read
+of a version collected since it was opened raises instead of returning zeros.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -34,34 +35,52 @@ from vista_jax.store_layout import (
     LAYOUTS,
     SummaryStoreError,
     array_kvstore,
-    build_manifest,
+    attempt_prefix,
+    attempt_started,
     check_name,
-    delete_version,
+    collect_version,
+    data_prefix,
+    delete_prefix,
     describe,
-    is_published,
+    list_versions,
+    manifest_key,
     open_base,
+    order_key,
     read_current,
+    read_current_stamped,
     read_manifest,
+    refuse_conflicting,
+    retained,
     root_spec,
     write_current,
-    write_manifest,
 )
-from vista_jax.store_write import RowBlock, as_blocks, write_arrays
+from vista_jax.store_write import (
+    RowBlock,
+    as_blocks,
+    build_clock,
+    manifest_or_none,
+    write_attempt,
+)
 
 __all__ = [
     "LAYOUTS",
     "QUANTIZATIONS",
+    "GarbageReport",
     "RowBlock",
     "SummaryBatch",
     "SummaryStore",
     "SummaryStoreError",
+    "WriteResult",
     "default_context",
     "dequantize_int8",
     "quantize_int8",
 ]
 
+DEFAULT_GRACE_SECONDS = 24 * 3600.0  # unpublished attempts younger than this may be running
+_CAS_TRIES = 16  # each failed swap means another build moved CURRENT meanwhile
 _DEFAULT_CACHE_BYTES = 256 << 20
 _default_context: ts.Context | None = None
+_log = logging.getLogger(__name__)
 
 
 class SummaryBatch(NamedTuple):
@@ -70,6 +89,25 @@ class SummaryBatch(NamedTuple):
     summaries: np.ndarray  # [B, K, D] float32, dequantized
     present: np.ndarray  # [B] bool
     coverage: np.ndarray  # [B] int64
+
+
+class WriteResult(dict):
+    """What `SummaryStore.write_version` returns: the published manifest (a plain dict to
+    JSON and ==), with how the write ended as attributes."""
+
+    def __init__(self, manifest: dict, *, current: str, moved_current: bool, rerun: bool):
+        super().__init__(manifest)
+        self.current = current  # the version CURRENT named when the write returned
+        self.moved_current = moved_current  # False: CURRENT already named it, or a newer one
+        self.rerun = rerun  # an identical earlier build had published it: its manifest
+
+
+class GarbageReport(NamedTuple):
+    """What `SummaryStore.collect_garbage` removed (or, with dry_run, would remove)."""
+
+    versions: list[str]  # published versions removed (manifest first, then arrays)
+    attempts: list[str]  # key prefixes of unpublished write attempts removed
+    kept: list[str]  # published versions kept, newest first
 
 
 def default_context() -> ts.Context:
@@ -86,9 +124,11 @@ def default_context() -> ts.Context:
 class SummaryStore:
     """Read side of one published version; build with `write_version`, read with `open`."""
 
-    def __init__(self, root_spec: dict, manifest: dict, arrays: dict[str, Any]):
-        self._root_spec = root_spec
+    def __init__(self, base: ts.KvStore, where: str, manifest: dict, generation: bytes, arrays):
+        self._base = base  # the root kvstore, to check the version is still published
+        self._where = where
         self._manifest = manifest
+        self._generation = generation  # of the manifest this reader opened
         self._arrays = arrays
 
     @classmethod
@@ -107,34 +147,37 @@ class SummaryStore:
         where = describe(spec)
         base = open_base(spec, context)
         version = version or read_current(base, where)
-        manifest = read_manifest(base, version, where)
+        manifest, generation = read_manifest(base, version, where)
         if expected_config_hash is not None and manifest["config_hash"] != expected_config_hash:
             raise SummaryStoreError(
                 f"summary version {version!r} at {where} was built with config_hash "
                 f"{manifest['config_hash']!r}, but the reader expects {expected_config_hash!r}. "
-                "Rebuild the cache with the current summarizer (pipeline build_cache) or "
-                "read with the config it was built from."
+                "Fix: rebuild the cache with the current summarizer (--mode=build_cache) or "
+                "read with the config it was built from"
             )
-        arrays = {
-            name: cls._open_array(spec, manifest, name, meta, context)
-            for name, meta in {**manifest["arrays"], **manifest["extra_arrays"]}.items()
-        }
-        return cls(spec, manifest, arrays)
+        store = cls(base, where, manifest, generation, {})
+        for name, meta in {**manifest["arrays"], **manifest["extra_arrays"]}.items():
+            store._arrays[name] = store._open_array(spec, name, meta, context)
+        return store
 
-    @staticmethod
-    def _open_array(spec: dict, manifest: dict, name: str, meta: dict, context):
-        kvstore = array_kvstore(spec, manifest["version"], manifest["layout"], name)
+    def _open_array(self, spec: dict, name: str, meta: dict, context):
+        manifest = self._manifest
+        kvstore = array_kvstore(spec, data_prefix(manifest), manifest["layout"], name)
         try:
             array = ts.open({"driver": "zarr3", "kvstore": kvstore}, open=True, context=context)
             array = array.result()
         except ValueError as e:
+            self._check_live(e)
             raise SummaryStoreError(
-                f"version {manifest['version']!r} is published but its array {name!r} cannot "
-                f"be opened: {e}"
+                f"version {self.version!r} at {self._where} is published but its array "
+                f"{name!r} cannot be opened ({str(e).splitlines()[0]}). Fix: rebuild the "
+                "version under a new id (--mode=build_cache)"
             ) from e
         if list(array.shape) != list(meta["shape"]):
             raise SummaryStoreError(
-                f"array {name!r} has shape {list(array.shape)}, manifest says {meta['shape']}"
+                f"array {name!r} of version {self.version!r} at {self._where} has shape "
+                f"{list(array.shape)}, its manifest says {meta['shape']}. Fix: rebuild the "
+                "version under a new id (--mode=build_cache)"
             )
         return array
 
@@ -155,13 +198,15 @@ class SummaryStore:
         coverage_info: Mapping[str, Any] | None = None,
         layout: str = "ocdbt",
         context: ts.Context | None = None,
-    ) -> dict:
-        """Writes, then publishes, a new version; returns its manifest.
+    ) -> WriteResult:
+        """Writes, then publishes, a version; moves CURRENT to it unless a newer one is
+        current; returns its manifest as a `WriteResult`.
 
         `summaries` is either f32 [N, K, D] (rows for `row_ids`, default 0..N-1, with
         `coverage` [N] and `extra_arrays` {name: [N, ...]}) or an iterable of `RowBlock`
         (then `num_rows` is required), so a large build streams block by block. Rows never
-        written read as absent. Refuses to overwrite a published version.
+        written read as absent. A version published with other content is refused; an
+        identical rerun (same rows, same order) completes the earlier publication.
         """
         check_name("version", version)
         if quantization not in QUANTIZATIONS or layout not in LAYOUTS or chunk_rows < 1:
@@ -171,37 +216,82 @@ class SummaryStore:
             )
         spec = root_spec(root)
         context = context or default_context()
-        base = open_base(spec, context)
-        if is_published(base, version):
-            raise SummaryStoreError(
-                f"version {version!r} is already published at {describe(spec)}; versions "
-                "are immutable, write a new version id."
-            )
+        base, where = open_base(spec, context), describe(spec)
+        start = read_current_stamped(base)  # CURRENT moves by CAS from this generation
+        clock = build_clock(base, start[0], where)
         # Whole arrays go in blocks of whole chunks (~4096 rows): one OCDBT commit per block.
         block_rows = chunk_rows * max(1, 4096 // chunk_rows)
         blocks, num_rows = as_blocks(
             summaries, coverage, extra_arrays, row_ids, num_rows, block_rows
         )
-        # Leftovers of a failed attempt at this id were never published, so nobody reads them.
-        delete_version(base, version)
-        schema = write_arrays(
-            spec, version, layout, blocks, num_rows, quantization, chunk_rows, context
-        )
-        manifest = build_manifest(
-            version, schema, config_hash, summarizer_step, quantization, layout, chunk_rows,
-            coverage_info,
+        fields = dict(
+            config_hash=str(config_hash), summarizer_step=int(summarizer_step),
+            quantization=quantization, layout=layout, chunk_rows=int(chunk_rows),
         )  # fmt: skip
-        write_manifest(base, manifest)
-        SummaryStore.set_current(root, version, context=context)
-        return manifest
+        refuse_conflicting(base, version, where, num_rows=int(num_rows), **fields)
+        manifest, rerun = write_attempt(
+            base, spec, version, blocks, num_rows, fields, coverage_info, clock, context
+        )
+        current, moved = _advance_current(base, manifest, start, where)
+        if current != version:
+            _log.warning(
+                "published summary version %r at %s; CURRENT left at the newer %r",
+                version, where, current,
+            )  # fmt: skip
+        return WriteResult(manifest, current=current, moved_current=moved, rerun=rerun)
 
     @staticmethod
     def set_current(root: Any, version: str, *, context: ts.Context | None = None) -> None:
-        """Points CURRENT at a published version (publishing, or rolling back)."""
+        """Points CURRENT at a published version, unconditionally (rolling back)."""
         spec = root_spec(root)
         base = open_base(spec, context or default_context())
         read_manifest(base, version, describe(spec))  # refuse unpublished versions
         write_current(base, version)
+
+    @staticmethod
+    def collect_garbage(
+        root: Any,
+        *,
+        keep_last: int,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        keep: Iterable[str] = (),
+        dry_run: bool = False,
+        context: ts.Context | None = None,
+    ) -> GarbageReport:
+        """Removes published versions beyond the newest `keep_last` and unpublished write
+        attempts older than `grace_seconds`; returns what it removed.
+
+        Never removes CURRENT, a version newer than CURRENT, or one named in `keep` (e.g. the
+        version a downstream checkpoint was trained on). `grace_seconds` must exceed the
+        longest build: a younger unpublished attempt may be a build still writing.
+        """
+        if keep_last < 0 or grace_seconds < 0:
+            raise ValueError(f"need keep_last >= 0, grace_seconds >= 0: {keep_last, grace_seconds}")
+        spec = root_spec(root)
+        base, where = open_base(spec, context or default_context()), describe(spec)
+        listing = list_versions(base)
+        published = {}  # version -> (manifest, generation); unreadable manifests are left
+        for version in (v for v, entry in listing.items() if entry["published"]):
+            try:
+                published[version] = read_manifest(base, version, where)
+            except SummaryStoreError:
+                listing[version]["attempts"] = set()  # their data may be referenced: keep it
+        kept = retained(published, read_current_stamped(base)[0], keep_last, set(keep))
+        removed = []
+        for version in sorted(set(published) - set(kept), key=lambda v: order_key(published[v][0])):
+            if dry_run or collect_version(base, *published[version]):
+                removed.append(version)
+        referenced = {(v, manifest.get("attempt")) for v, (manifest, _) in published.items()}
+        attempts = []
+        for version, entry in sorted(listing.items()):
+            for attempt in sorted(entry["attempts"]):
+                started = attempt_started(attempt)
+                old = started is not None and started < time.time() - grace_seconds
+                if (version, attempt) not in referenced and old:
+                    attempts.append(attempt_prefix(version, attempt))
+                    if not dry_run:
+                        delete_prefix(base, attempts[-1])
+        return GarbageReport(removed, attempts, kept)
 
     # ------------------------------------------------------------------- metadata
 
@@ -235,7 +325,7 @@ class SummaryStore:
         """Dequantized summaries of a batch of rows, one TensorStore read per array.
 
         Ids >= num_rows or never written read as present False with zeros; negative ids are
-        an error.
+        an error, and so is a version garbage-collected since it was opened.
         """
         ids, valid = self._locate(row_ids)
         names = ["present", "coverage", "summary"] + ["scale"] * ("scale" in self._arrays)
@@ -254,8 +344,9 @@ class SummaryStore:
         """Extra per-row array `name` for a batch of rows; absent rows read as zeros."""
         if name not in self.extra_names:
             raise SummaryStoreError(
-                f"version {self.version!r} has no extra array {name!r}; it has "
-                f"{list(self.extra_names)}"
+                f"version {self.version!r} at {self._where} has no extra array {name!r}; it "
+                f"has {list(self.extra_names)}. Fix: read one of those, or rebuild the cache "
+                "with a summarizer that stores it"
             )
         ids, valid = self._locate(row_ids)
         rows = self._read_rows(["present", name], ids[valid])
@@ -277,11 +368,58 @@ class SummaryStore:
         return ids, ids < self.num_rows
 
     def _read_rows(self, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows `ids` of each named array; all reads are issued before any is awaited."""
+        """Rows `ids` of each named array; all reads are issued before any is awaited, and
+        the version is checked to be still published after they complete."""
         if not len(ids):
-            return {
+            rows = {
                 n: np.zeros((0, *self._arrays[n].shape[1:]), self._arrays[n].dtype.numpy_dtype)
                 for n in names
             }
-        futures = {n: self._arrays[n][ids].read() for n in names}
-        return {n: f.result() for n, f in futures.items()}
+        else:
+            futures = {n: self._arrays[n][ids].read() for n in names}
+            try:
+                rows = {n: f.result() for n, f in futures.items()}
+            except ValueError as e:  # e.g. an OCDBT node deleted under the reader
+                self._check_live(e)
+                raise
+        self._check_live()
+        return rows
+
+    def _check_live(self, cause: BaseException | None = None) -> None:
+        """Raises unless this reader's manifest is still published, unchanged. Collection
+        deletes a manifest before its data, so rows read before this passes are valid."""
+        key = manifest_key(self.version)
+        state = self._base.read(key, if_not_equal=self._generation).result().state
+        if state == "unspecified":  # the generation is still the one opened
+            return
+        what = "garbage-collected" if state == "missing" else "deleted and published again"
+        raise SummaryStoreError(
+            f"summary version {self.version!r} at {self._where} was {what} after this reader "
+            "opened it; its rows are no longer readable. Fix: reopen the store "
+            "(SummaryStore.open), or keep the version when collecting garbage (keep=...)"
+        ) from cause
+
+
+# --------------------------------------------------------------------------- publication
+
+
+def _advance_current(base, manifest: dict, start: tuple, where: str) -> tuple[str, bool]:
+    """Moves CURRENT to `manifest`'s version by compare-and-swap from `start` (CURRENT's
+    version and generation when the build started), unless CURRENT names a newer version
+    (`vista_jax.store_layout.order_key`); returns (CURRENT's version, whether moved)."""
+    version = manifest["version"]
+    current, generation = start
+    for _ in range(_CAS_TRIES):
+        if current == version:
+            return version, False
+        other = manifest_or_none(base, current, where)
+        if other is not None and order_key(other) > order_key(manifest):
+            return current, False
+        if write_current(base, version, if_equal=generation):
+            return version, True
+        current, generation = read_current_stamped(base)
+    raise SummaryStoreError(
+        f"CURRENT at {where} kept moving during {_CAS_TRIES} tries to point it at the "
+        f"published version {version!r}. Fix: rerun the identical build to finish, or "
+        "SummaryStore.set_current once the other builds are done"
+    )

@@ -1,31 +1,65 @@
-"""Key layout of a summary store: kvstore specs, version naming, manifest and CURRENT.
+"""Key layout and publication protocol of a summary store.
 
 A store root is any TensorStore kvstore: a local path (the default), a URL such as
 ``"memory://"``, ``"gs://bucket/cache/"``, ``"s3://bucket/cache/"``, or a kvstore spec dict
 such as ``{"driver": "memory"}``. Every key below is joined onto the root's ``path``, so the
 same code serves every backend::
 
-  CURRENT                              text: id of the published version
-  versions/<version>/manifest.json     written last; its presence publishes the version
-  versions/<version>/data/             one OCDBT database (few files) of zarr3 arrays:
+  CURRENT                                 text: id of the current version (moved by CAS)
+  versions/<v>/manifest.json              created once, never rewritten: publishes <v>
+  versions/<v>/attempts/<attempt>/        one write attempt's arrays: an OCDBT database
       summary    [R, K, D]  int8 | bfloat16 | float32   (quantization "int8" | "bf16" | "none")
       scale      [R, K]     float32   int8 only: one symmetric scale per summary token
       present    [R]        uint8     1 = row written; other rows read as absent (zeros)
       coverage   [R]        int64     how many of the row's user's time-sorted events it covers
       <extra>    [R, ...]   any       named per-row arrays (e.g. recurrent QLA states)
 
-With layout "plain" the arrays of ``data/`` are plain zarr3 directories instead of one OCDBT
-database. This module names those keys and reads and writes the small ones (manifest,
-CURRENT), each in a single kvstore operation; `vista_jax.store` orders them into an atomic
-publication and `vista_jax.store_write` writes the arrays.
+With layout "plain" the arrays are plain zarr3 directories instead of one OCDBT database.
+``<attempt>`` is ``<UTC start time>-<random hex>`` (``20250101T120000.123456Z-9f3a0c1b2d4e``),
+unique to one write attempt; the manifest names the attempt it publishes (``attempt``,
+``data``). Format-2 manifests (before attempts) keep their arrays at ``versions/<v>/data/``
+and are still read.
+
+Publication protocol. Every step is one kvstore operation; the conditional ones pass
+TensorStore's ``if_equal`` storage generation, atomic on the file, memory, GCS and S3 drivers.
+
+1. Start: read CURRENT and its generation G. The build's ``build_clock`` is
+   ``max(wall clock ns, build_clock of CURRENT's version + 1)``, a hybrid logical clock: a
+   build that starts after version X was current orders after X whatever the clocks say.
+2. Write the arrays under a fresh attempt prefix that no other writer or reader touches. A
+   write that raises deletes its own attempt; a killed one leaves it to garbage collection.
+3. Publish: create the manifest only if it is absent. If it exists with the same
+   ``content_hash`` (an identical rerun, e.g. after a kill), the rerun adopts the published
+   manifest and deletes its own attempt; with other content it is refused: versions are
+   immutable, nothing published is deleted or overwritten by a writer.
+4. Move CURRENT by compare-and-swap from G. If CURRENT moved meanwhile to a newer version,
+   leave it (the written version stays readable by its id; the write reports this), else
+   retry the swap from CURRENT's new generation. A rerun after a kill between steps 3 and 4
+   completes step 4.
+
+"Newer": version A is newer than B iff ``(A.build_clock, A.attempt) > (B.build_clock,
+B.attempt)``: builds are ordered by when they started (an older build read older data or an
+older checkpoint), not by summarizer step, which a refresh keeps and a retrain restarts.
+
+Only `SummaryStore.collect_garbage` deletes. It keeps CURRENT, every version newer than
+CURRENT (publications in flight, or after a rollback), the newest ``keep_last`` and any
+pinned; from each other published version it deletes the manifest first, then the arrays;
+it deletes unpublished attempts older than a grace period, which must exceed the longest
+build. A reader checks after every read that the manifest it opened is still there,
+unchanged: rows read before a successful check belong to the version (its data goes only
+after its manifest), and a read of a collected version raises instead of returning zeros.
+Rolling back (`SummaryStore.set_current`) while a build or a collection runs may be undone
+by it: roll back when neither runs.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,12 +68,14 @@ import tensorstore as ts
 
 from vista_jax.errors import UserError
 
-FORMAT_VERSION = 2  # 2: row-based keys num_rows, chunk_rows (1 had num_users, chunk_users)
+FORMAT_VERSION = 3  # 3: per-attempt data, create-once manifest; 2: versions/<v>/data/
+READABLE_FORMATS = (2, 3)
 LAYOUTS = ("ocdbt", "plain")
 CORE_ARRAYS = ("summary", "scale", "present", "coverage")
 CURRENT_KEY = "CURRENT"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-MANIFEST_KEYS = (
+ATTEMPT_TIME = "%Y%m%dT%H%M%S.%fZ"
+MANIFEST_KEYS_V2 = (
     "format_version",
     "version",
     "created_at",
@@ -55,6 +91,8 @@ MANIFEST_KEYS = (
     "arrays",
     "extra_arrays",
 )
+ATTEMPT_KEYS = ("attempt", "data", "build_clock", "content_hash")  # not part of the content
+MANIFEST_KEYS = MANIFEST_KEYS_V2 + ATTEMPT_KEYS
 
 
 class SummaryStoreError(UserError):
@@ -108,9 +146,18 @@ def manifest_key(version: str) -> str:
     return version_prefix(version) + "manifest.json"
 
 
-def array_kvstore(root: dict, version: str, layout: str, name: str) -> dict:
-    """The kvstore spec of array `name` of a version, under root spec `root`."""
-    data = join(root, version_prefix(version) + "data/")
+def attempt_prefix(version: str, attempt: str) -> str:
+    return version_prefix(version) + f"attempts/{attempt}/"
+
+
+def data_prefix(manifest: dict) -> str:
+    """Where a published version's arrays are (format 2: ``versions/<v>/data/``)."""
+    return manifest.get("data") or version_prefix(manifest["version"]) + "data/"
+
+
+def array_kvstore(root: dict, prefix: str, layout: str, name: str) -> dict:
+    """The kvstore spec of array `name` of the arrays under `prefix` of root spec `root`."""
+    data = join(root, prefix)
     if layout == "ocdbt":
         return {"driver": "ocdbt", "base": data, "path": f"{name}/"}
     return join(data, f"{name}/")
@@ -121,82 +168,187 @@ def open_base(root: dict, context: ts.Context) -> ts.KvStore:
     return ts.KvStore.open(root, context=context).result()
 
 
+def new_attempt_id(now_ns: int) -> str:
+    """A fresh attempt id: its start time (UTC, for garbage collection) and 48 random bits."""
+    started = datetime.datetime.fromtimestamp(now_ns / 1e9, datetime.UTC)
+    return f"{started.strftime(ATTEMPT_TIME)}-{secrets.token_hex(6)}"
+
+
+def attempt_started(attempt: str) -> float | None:
+    """The start time (s since the epoch) in an attempt id; None for a foreign name."""
+    try:
+        started = datetime.datetime.strptime(attempt.split("-")[0], ATTEMPT_TIME)
+    except ValueError:
+        return None
+    return started.replace(tzinfo=datetime.UTC).timestamp()
+
+
+# --------------------------------------------------------------------------- single keys
+
+
+def read_stamped(base: ts.KvStore, key: str) -> tuple[str | None, bytes]:
+    """The value of `key` as text (None when missing) and its storage generation."""
+    result = base.read(key).result()
+    text = result.value.decode() if result.state == "value" else None
+    return text, result.stamp.generation
+
+
+def write_if(base: ts.KvStore, key: str, value: bytes | None, generation: bytes) -> bool:
+    """Writes (None: deletes) `key` only if its generation is still `generation`; whether it
+    did (a failed condition returns the empty, "unknown" generation)."""
+    return bool(base.write(key, value, if_equal=generation).result().generation)
+
+
+def delete_prefix(base: ts.KvStore, prefix: str) -> None:
+    """Deletes every key under the directory prefix `prefix` (ending in "/")."""
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    base.delete_range(ts.KvStore.KeyRange(prefix, upper)).result()
+
+
+def list_versions(base: ts.KvStore) -> dict[str, dict]:
+    """{version: {"published": bool, "attempts": set of attempt ids}} from the keys."""
+    versions: dict[str, dict] = {}
+    for key in base.list(ts.KvStore.KeyRange("versions/", "versions0")).result():
+        parts = key.decode().split("/")
+        if len(parts) < 3 or not NAME_RE.match(parts[1]):
+            continue
+        entry = versions.setdefault(parts[1], {"published": False, "attempts": set()})
+        if parts[2:] == ["manifest.json"]:
+            entry["published"] = True
+        elif parts[2] == "attempts" and len(parts) > 4 and NAME_RE.match(parts[3]):
+            entry["attempts"].add(parts[3])
+    return versions
+
+
 # --------------------------------------------------------------------------- CURRENT
 
 
-def read_text(base: ts.KvStore, key: str) -> str | None:
-    """The value of `key` as text, or None when it is missing."""
-    result = base.read(key).result()
-    return result.value.decode() if result.state == "value" else None
+def parse_current(text: str, where: str) -> str:
+    version = text.strip()
+    if not NAME_RE.match(version):
+        raise SummaryStoreError(
+            f"CURRENT at {where} is corrupt: {text[:80]!r}. "
+            "Fix: point it at a published version (SummaryStore.set_current) or rebuild"
+        )
+    return version
 
 
 def read_current(base: ts.KvStore, where: str) -> str:
     """The version id CURRENT names; `where` describes the root for error messages."""
-    current = read_text(base, CURRENT_KEY)
+    current, _ = read_stamped(base, CURRENT_KEY)
     if current is None:
         raise SummaryStoreError(
-            f"no summary version is published at {where} (CURRENT is missing); "
-            "build a cache first (pipeline build_cache)."
+            f"no summary version is published at {where} (CURRENT is missing). "
+            "Fix: build a cache first (--mode=build_cache)"
         )
-    version = current.strip()
-    if not NAME_RE.match(version):
-        raise SummaryStoreError(f"CURRENT at {where} is corrupt: {current[:80]!r}")
-    return version
+    return parse_current(current, where)
 
 
-def write_current(base: ts.KvStore, version: str) -> None:
-    """Points CURRENT at `version` in one kvstore write; the caller checks it is published."""
-    base.write(CURRENT_KEY, (version + "\n").encode()).result()
+def read_current_stamped(base: ts.KvStore) -> tuple[str | None, bytes]:
+    """(version CURRENT names, or None when missing or corrupt; CURRENT's generation)."""
+    text, generation = read_stamped(base, CURRENT_KEY)
+    version = text.strip() if text is not None else None
+    return (version if version and NAME_RE.match(version) else None), generation
 
 
-# --------------------------------------------------------------------------- versions
+def write_current(base: ts.KvStore, version: str, if_equal: bytes | None = None) -> bool:
+    """Points CURRENT at `version` in one kvstore write, only if CURRENT's generation is
+    still `if_equal` (when given); whether it did. The caller checks it is published."""
+    value = (version + "\n").encode()
+    if if_equal is None:
+        base.write(CURRENT_KEY, value).result()
+        return True
+    return write_if(base, CURRENT_KEY, value, if_equal)
 
 
-def is_published(base: ts.KvStore, version: str) -> bool:
-    """Whether `version` has a manifest (is published), valid or not."""
-    return read_text(base, manifest_key(version)) is not None
+# --------------------------------------------------------------------------- manifests
 
 
-def read_manifest(base: ts.KvStore, version: str, where: str) -> dict:
-    """The manifest of a published version; refuses a missing, corrupt or foreign one."""
-    text = read_text(base, manifest_key(version))
-    if text is None:
-        raise SummaryStoreError(
-            f"version {version!r} at {where} is not published (no {manifest_key(version)}); "
-            "its build did not finish. Rebuild it or open another version."
-        )
+def parse_manifest(text: str, version: str, where: str) -> dict:
+    """A manifest's JSON, refusing a corrupt one or one of a format this reader cannot read."""
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError:
         manifest = None
     manifest = manifest if isinstance(manifest, dict) else {}
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing or manifest["format_version"] != FORMAT_VERSION:
+    found = manifest.get("format_version")
+    required = MANIFEST_KEYS if found == FORMAT_VERSION else MANIFEST_KEYS_V2
+    missing = [key for key in required if key not in manifest]
+    if missing or found not in READABLE_FORMATS:
         raise SummaryStoreError(
             f"manifest of version {version!r} at {where} is corrupt or of another format "
-            f"(missing keys {missing}, format_version {manifest.get('format_version')!r}, "
-            f"this reader reads {FORMAT_VERSION}); rebuild the version."
+            f"(missing keys {missing}, format_version {found!r}, this reader reads "
+            f"{' or '.join(map(str, READABLE_FORMATS))}). Fix: rebuild the version under a "
+            "new id (--mode=build_cache)"
         )
     return manifest
 
 
-def write_manifest(base: ts.KvStore, manifest: dict) -> None:
-    """Writes a version's manifest in one kvstore write: this publishes the version."""
-    key = manifest_key(manifest["version"])
-    base.write(key, json.dumps(manifest, indent=1).encode()).result()
+def read_manifest(base: ts.KvStore, version: str, where: str) -> tuple[dict, bytes]:
+    """The manifest of a published version and its generation; refuses a missing one."""
+    text, generation = read_stamped(base, manifest_key(version))
+    if text is None:
+        raise SummaryStoreError(
+            f"version {version!r} at {where} is not published (no {manifest_key(version)}): "
+            "its build did not finish, or it was garbage-collected. "
+            "Fix: rebuild it or open another version"
+        )
+    return parse_manifest(text, version, where), generation
 
 
-def delete_version(base: ts.KvStore, version: str) -> None:
-    """Deletes every key under ``versions/<version>/`` (data and manifest)."""
-    prefix = version_prefix(version)
-    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    base.delete_range(ts.KvStore.KeyRange(prefix, upper)).result()
+def order_key(manifest: dict) -> tuple[int, str]:
+    """Sorts versions oldest first (format 2, without a build clock, before all others)."""
+    return int(manifest.get("build_clock", 0)), str(manifest.get("attempt", ""))
+
+
+def _conflict(version: str, where: str, detail: str) -> SummaryStoreError:
+    return SummaryStoreError(
+        f"version {version!r} is already published at {where} with other content ({detail}); "
+        "published versions are immutable. Fix: write a new version id, or rerun the "
+        "identical build to finish publishing it"
+    )
+
+
+def refuse_conflicting(base: ts.KvStore, version: str, where: str, **fields) -> None:
+    """Fails fast, before any array is written, when `version` is published with other
+    metadata (`fields`: manifest key -> value of this build)."""
+    text, _ = read_stamped(base, manifest_key(version))
+    if text is not None:
+        existing = parse_manifest(text, version, where)
+        differ = [key for key, value in fields.items() if existing.get(key) != value]
+        if differ:
+            raise _conflict(version, where, f"{', '.join(differ)} differ")
+
+
+def create_manifest(base: ts.KvStore, manifest: dict, where: str) -> tuple[dict, bool]:
+    """Creates a version's manifest only if it is absent, which publishes the version.
+
+    Returns (the published manifest, whether an identical earlier build had published it:
+    then its manifest is returned). Another content under the same id is refused.
+    """
+    version, key = manifest["version"], manifest_key(manifest["version"])
+    for _ in range(3):  # a failed create means another writer just created it
+        text, generation = read_stamped(base, key)
+        if text is None:
+            if write_if(base, key, json.dumps(manifest, indent=1).encode(), generation):
+                return manifest, False
+            continue
+        existing = parse_manifest(text, version, where)
+        if existing.get("content_hash") == manifest["content_hash"]:
+            return existing, True
+        raise _conflict(version, where, "another content hash")
+    raise SummaryStoreError(
+        f"the manifest of version {version!r} at {where} keeps appearing and vanishing. "
+        "Fix: stop concurrent writers and garbage collections of this id, then rerun"
+    )
 
 
 def build_manifest(
-    version, schema, config_hash, summarizer_step, quantization, layout, chunk_rows, coverage_info
-) -> dict:
-    """The manifest JSON of a version from its array schema {name: (shape, dtype)}."""
+    version, schema, *, config_hash, summarizer_step, quantization, layout, chunk_rows,
+    coverage_info, attempt, build_clock, data_digest,
+) -> dict:  # fmt: skip
+    """The manifest JSON of a version from its array schema {name: (shape, dtype)} and the
+    digest of its array writes; ``content_hash`` covers all but the attempt's keys."""
 
     def describe_arrays(names):
         return {
@@ -204,11 +356,13 @@ def build_manifest(
         }
 
     (num_rows, k, d), _ = schema["summary"]
-    core = [n for n in CORE_ARRAYS if n in schema]
-    return {
+    coverage = coverage_info or {
+        "kind": "event_position",
+        "per_row": "array 'coverage': number of its user's time-sorted events covered",
+    }
+    content = {
         "format_version": FORMAT_VERSION,
         "version": version,
-        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
         "summarizer_step": int(summarizer_step),
         "config_hash": str(config_hash),
         "num_rows": int(num_rows),
@@ -217,13 +371,42 @@ def build_manifest(
         "quantization": quantization,
         "layout": layout,
         "chunk_rows": int(chunk_rows),
-        "coverage": dict(
-            coverage_info
-            or {
-                "kind": "event_position",
-                "per_row": "array 'coverage': number of its user's time-sorted events covered",
-            }
-        ),
-        "arrays": describe_arrays(core),
+        "coverage": dict(coverage),
+        "arrays": describe_arrays([n for n in CORE_ARRAYS if n in schema]),
         "extra_arrays": describe_arrays([n for n in schema if n not in CORE_ARRAYS]),
     }
+    content_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+    content_hash.update(data_digest.encode())
+    return {
+        **content,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        "attempt": attempt,
+        "data": attempt_prefix(version, attempt),
+        "build_clock": int(build_clock),
+        "content_hash": "sha256:" + content_hash.hexdigest(),
+    }
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def retained(published: dict, current: str | None, keep_last: int, pinned: set) -> list[str]:
+    """Versions to keep, newest first: CURRENT, newer ones, the newest `keep_last`, pins."""
+    newest = sorted(published, key=lambda v: order_key(published[v][0]), reverse=True)
+    kept = set(newest[:keep_last]) | (pinned & set(published))
+    if current in published:
+        floor = order_key(published[current][0])
+        kept |= {v for v in published if order_key(published[v][0]) >= floor}
+    return [v for v in newest if v in kept]
+
+
+def collect_version(base: ts.KvStore, manifest: dict, generation: bytes) -> bool:
+    """Unpublishes a version (its manifest, if unchanged and not CURRENT), then deletes its
+    arrays; whether it did."""
+    version = manifest["version"]
+    if read_current_stamped(base)[0] == version:  # rolled back to it meanwhile
+        return False
+    if not write_if(base, manifest_key(version), None, generation):
+        return False
+    delete_prefix(base, data_prefix(manifest))
+    return True

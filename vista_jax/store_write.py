@@ -1,14 +1,20 @@
 """Row-block writing of a summary store version's arrays (before its manifest publishes it).
 
-A version's arrays are created from its first `RowBlock`, then every block is validated,
-encoded (`vista_jax.quantize`) and written, one block at a time, so memory stays bounded by
-a block however large the build. Nothing here publishes: `vista_jax.store` writes the
-manifest and CURRENT once the arrays are committed.
+A version's arrays are created, under the prefix of one write attempt, from its first
+`RowBlock`; then every block is validated, encoded (`vista_jax.quantize`), hashed and
+written, one block at a time, so memory stays bounded by a block however large the build.
+The digest of what was written (row ids and stored values, in block order) goes into the
+manifest's content hash, by which an identical rerun is recognised. Nothing here publishes:
+`write_attempt` then creates the manifest, only if absent; `vista_jax.store` moves CURRENT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -16,7 +22,24 @@ import numpy as np
 import tensorstore as ts
 
 from vista_jax.quantize import STORED_DTYPE, encode
-from vista_jax.store_layout import CORE_ARRAYS, array_kvstore, check_name
+from vista_jax.store_layout import (
+    CORE_ARRAYS,
+    SummaryStoreError,
+    array_kvstore,
+    attempt_prefix,
+    build_manifest,
+    check_name,
+    create_manifest,
+    delete_prefix,
+    describe,
+    new_attempt_id,
+    order_key,
+    read_manifest,
+)
+
+_clock_lock = threading.Lock()
+_last_clock = 0  # the last build clock of this process: its builds order by start
+_log = logging.getLogger(__name__)
 
 
 class RowBlock(NamedTuple):
@@ -62,10 +85,11 @@ def as_blocks(
 
 
 def write_arrays(
-    root_spec, version, layout, blocks, num_rows, quantization, chunk_rows, context
-) -> dict[str, tuple]:
-    """Creates a version's arrays from its first block, then writes every block, one at a
-    time (memory stays bounded by a block); returns the array schema {name: (shape, dtype)}."""
+    root_spec, prefix, blocks, *, version, num_rows, quantization, chunk_rows, layout, context
+) -> tuple[dict[str, tuple], str]:
+    """Creates a version's arrays under `prefix` from its first block, then writes every
+    block, one at a time (memory stays bounded by a block); returns the array schema
+    {name: (shape, dtype)} and the hex digest of everything written."""
     if num_rows < 1:
         raise ValueError(f"version {version!r}: need num_rows >= 1, got {num_rows}")
     blocks = iter(blocks)
@@ -75,13 +99,15 @@ def write_arrays(
     schema = _array_schema(first, num_rows, quantization)
     arrays = {
         name: _create_array(
-            array_kvstore(root_spec, version, layout, name), shape, dtype, chunk_rows, context
+            array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows, context
         )
         for name, (shape, dtype) in schema.items()
     }
+    digest = hashlib.sha256()
     for block in itertools.chain([first], blocks):
-        _write_block(arrays, block, _check_block(block, schema, num_rows), quantization)
-    return schema
+        ids = _check_block(block, schema, num_rows)
+        _write_block(arrays, block, ids, quantization, digest)
+    return schema, digest.hexdigest()
 
 
 def _array_schema(block: RowBlock, num_rows: int, quantization: str) -> dict[str, tuple]:
@@ -149,8 +175,8 @@ def _row_index(ids: np.ndarray):
     return ids
 
 
-def _write_block(arrays: dict, block: RowBlock, ids: np.ndarray, quantization: str) -> None:
-    """Writes one block to every array and waits until it is committed."""
+def _write_block(arrays: dict, block: RowBlock, ids: np.ndarray, quantization: str, digest):
+    """Writes one block to every array, adds it to `digest`, and waits until it is committed."""
     stored, scale = encode(np.asarray(block.summaries, np.float32), quantization)
     values = {
         "summary": stored,
@@ -161,10 +187,71 @@ def _write_block(arrays: dict, block: RowBlock, ids: np.ndarray, quantization: s
     if scale is not None:
         values["scale"] = scale
     index = _row_index(ids)
-    # Cast on the host: TensorStore does not convert, e.g., float64 states to float32.
-    futures = [
-        arrays[name][index].write(np.asarray(v, arrays[name].dtype.numpy_dtype))
-        for name, v in values.items()
-    ]
+    digest.update(ids.tobytes())
+    futures = []
+    for name in sorted(values):
+        # Cast on the host: TensorStore does not convert, e.g., float64 states to float32.
+        cast = np.ascontiguousarray(values[name], arrays[name].dtype.numpy_dtype)
+        digest.update(name.encode())
+        digest.update(cast.tobytes())
+        futures.append(arrays[name][index].write(cast))
     for future in futures:
         future.commit.result()
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+def build_clock(base: ts.KvStore, current: str | None, where: str) -> int:
+    """This build's order: after the wall clock, CURRENT's build and this process's last."""
+    global _last_clock
+    other = manifest_or_none(base, current, where)
+    floor = order_key(other)[0] + 1 if other is not None else 0
+    with _clock_lock:
+        _last_clock = max(time.time_ns(), floor, _last_clock + 1)
+        return _last_clock
+
+
+def manifest_or_none(base: ts.KvStore, version: str | None, where: str) -> dict | None:
+    if version is None:
+        return None
+    try:
+        return read_manifest(base, version, where)[0]
+    except SummaryStoreError:
+        return None
+
+
+def write_attempt(
+    base, spec, version, blocks, num_rows, fields, coverage_info, clock, context
+) -> tuple[dict, bool]:
+    """Writes the arrays under a fresh attempt prefix, then creates the manifest if absent;
+    returns (the published manifest, whether an identical earlier build had published it)."""
+    where = describe(spec)
+    attempt = new_attempt_id(time.time_ns())
+    prefix = attempt_prefix(version, attempt)
+    try:
+        schema, digest = write_arrays(
+            spec, prefix, blocks, version=version, num_rows=num_rows, context=context,
+            **{k: fields[k] for k in ("quantization", "chunk_rows", "layout")},
+        )  # fmt: skip
+        manifest = build_manifest(
+            version, schema, **fields, coverage_info=coverage_info, attempt=attempt,
+            build_clock=clock, data_digest=digest,
+        )  # fmt: skip
+        manifest, rerun = create_manifest(base, manifest, where)
+    except BaseException:
+        _discard_attempt(base, version, prefix)
+        raise
+    if rerun:  # this attempt duplicates the published one: nobody reads it
+        delete_prefix(base, prefix)
+    return manifest, rerun
+
+
+def _discard_attempt(base: ts.KvStore, version: str, prefix: str) -> None:
+    """Deletes a failed attempt's arrays, unless a manifest publishes them after all."""
+    try:
+        manifest = manifest_or_none(base, version, "")
+        if manifest is None or manifest.get("data") != prefix:
+            delete_prefix(base, prefix)
+    except Exception:  # best effort: garbage collection removes it later
+        _log.warning("could not delete the failed write attempt %s", prefix)

@@ -29,8 +29,8 @@ from flax import nnx
 from vista_jax.config import SummarizerConfig
 from vista_jax.models import qla
 from vista_jax.models.layers import rms_norm
-from vista_jax.models.sasrec import _LN_EPS
-from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm, linear
+from vista_jax.models.sasrec import _LN_EPS, SASRecBlock
+from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm
 from vista_jax.models.summarizer import SummarizerLayer
 from vista_jax.quantize import dequantize_int8, quantize_int8
 
@@ -46,27 +46,16 @@ def stage2_mask(length: int, snapshot_every: int, num_seeds: int, num_recent: in
     return np.concatenate([summary, recent], axis=1)
 
 
-class SummaryAttentionBlock(nnx.Module):
+class SummaryAttentionBlock(SASRecBlock):
     """A SASRec block whose keys are [summary tokens; raw events] under `stage2_mask`."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        d = cfg.d_model
-        self.num_heads = cfg.num_heads
-        self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
-        init = nnx.initializers.normal(math.sqrt(2.0 / (4 * d)))
-        self.query = linear(d, d, ("embed", "heads"), rngs, kernel_init=init)
-        self.key_value = linear(d, 2 * d, ("embed", "heads"), rngs, kernel_init=init)
-        self.out = linear(d, d, ("heads", "embed"), rngs)
-        self.ffn_in = linear(d, cfg.ffn_hidden, ("embed", "mlp"), rngs)
-        self.ffn_out = linear(cfg.ffn_hidden, d, ("mlp", "embed"), rngs)
-
-    def _heads(self, x):  # [B, N, D] -> [B, H, N, E]
-        return x.reshape(x.shape[:-1] + (self.num_heads, -1)).transpose(0, 2, 1, 3)
+    def _heads_first(self, x):  # [B, N, D] -> [B, H, N, E]
+        return self._heads(x).transpose(0, 2, 1, 3)
 
     def __call__(self, x_BxLxD, summary_BxNxD, mask_LxM, valid_BxL, keys):
         q_in = layer_norm(x_BxLxD, _LN_EPS)
         k, v = jnp.split(self.key_value(jnp.concatenate([summary_BxNxD, x_BxLxD], 1)), 2, -1)
-        q, k, v = self._heads(self.query(q_in)), self._heads(k), self._heads(v)
+        q, k, v = (self._heads_first(t) for t in (self.query(q_in), k, v))
         logits = jnp.einsum("bhle,bhme->bhlm", q / math.sqrt(q.shape[-1]), k)
         weights = jax.nn.softmax(jnp.where(mask_LxM, logits, -1e30), axis=-1)
         attended = jnp.einsum("bhlm,bhme->bhle", dropout(weights, self.attn_rate, keys()), v)
