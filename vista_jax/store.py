@@ -46,12 +46,14 @@ from vista_jax.store_layout import (
     manifest_key,
     open_base,
     order_key,
+    prune_empty_dirs,
     read_current,
     read_current_stamped,
     read_manifest,
     refuse_conflicting,
     retained,
     root_spec,
+    version_prefix,
     write_current,
 )
 from vista_jax.store_write import (
@@ -291,6 +293,8 @@ class SummaryStore:
                     attempts.append(attempt_prefix(version, attempt))
                     if not dry_run:
                         delete_prefix(base, attempts[-1])
+        for prefix in [] if dry_run else [version_prefix(v) for v in removed] + attempts:
+            prune_empty_dirs(spec, prefix)
         return GarbageReport(removed, attempts, kept)
 
     # ------------------------------------------------------------------- metadata

@@ -54,6 +54,7 @@ by it: roll back when neither runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -203,6 +204,20 @@ def delete_prefix(base: ts.KvStore, prefix: str) -> None:
     """Deletes every key under the directory prefix `prefix` (ending in "/")."""
     upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     base.delete_range(ts.KvStore.KeyRange(prefix, upper)).result()
+
+
+def prune_empty_dirs(spec: dict, prefix: str) -> None:
+    """Removes the empty directories a file kvstore leaves at and under a deleted `prefix`
+    (``versions/...``), and its emptied parents below ``versions/``."""
+    if spec.get("driver") != "file":
+        return  # other kvstores have no directories
+    top = os.path.join(spec["path"], prefix)
+    directories = [d for d, _, _ in os.walk(top, topdown=False)]  # children first
+    parts = prefix.rstrip("/").split("/")
+    directories += [os.path.join(spec["path"], *parts[:n]) for n in range(len(parts) - 1, 1, -1)]
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not empty (any more): keep it
+            os.rmdir(directory)
 
 
 def list_versions(base: ts.KvStore) -> dict[str, dict]:

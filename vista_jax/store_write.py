@@ -34,6 +34,7 @@ from vista_jax.store_layout import (
     describe,
     new_attempt_id,
     order_key,
+    prune_empty_dirs,
     read_manifest,
 )
 
@@ -240,18 +241,19 @@ def write_attempt(
         )  # fmt: skip
         manifest, rerun = create_manifest(base, manifest, where)
     except BaseException:
-        _discard_attempt(base, version, prefix)
+        _discard_attempt(base, spec, version, prefix)
         raise
     if rerun:  # this attempt duplicates the published one: nobody reads it
-        delete_prefix(base, prefix)
+        _discard_attempt(base, spec, version, prefix)
     return manifest, rerun
 
 
-def _discard_attempt(base: ts.KvStore, version: str, prefix: str) -> None:
-    """Deletes a failed attempt's arrays, unless a manifest publishes them after all."""
+def _discard_attempt(base: ts.KvStore, spec: dict, version: str, prefix: str) -> None:
+    """Deletes an attempt's arrays, unless a manifest publishes them after all."""
     try:
         manifest = manifest_or_none(base, version, "")
         if manifest is None or manifest.get("data") != prefix:
             delete_prefix(base, prefix)
+            prune_empty_dirs(spec, prefix)
     except Exception:  # best effort: garbage collection removes it later
         _log.warning("could not delete the failed write attempt %s", prefix)
