@@ -120,6 +120,19 @@ def test_leave_one_out_rows():
     np.testing.assert_array_equal(ref.train["target"][0], [3, 4, 5])  # ends at the valid item
     short = sequences.leave_one_out(offsets, item, time, 8, window=10)
     np.testing.assert_array_equal(short.train["target"][0][:4], [2, 3, 4, 0])
+    assert "prefix" not in s.train
+
+
+def test_lifelong_prefix_holds_only_events_before_the_window():
+    # User 0: items 1..8; window 2. Train: events 1..6 -> window inputs 4,5 (targets 5,6).
+    offsets, item, time = np.array([0, 8]), np.arange(1, 9), np.arange(8) * 10
+    s = sequences.leave_one_out(offsets, item, time, 8, window=2, prefix_len=4)
+    np.testing.assert_array_equal(s.train["item"][0], [4, 5])
+    np.testing.assert_array_equal(s.train["prefix"][0], [1, 2, 3, 0])
+    # Test target 8: window 6,7; prefix = the 4 most recent events before it: 2,3,4,5.
+    np.testing.assert_array_equal(s.test["item"][0], [6, 7])
+    np.testing.assert_array_equal(s.test["prefix"][0], [2, 3, 4, 5])
+    np.testing.assert_array_equal(s.valid["prefix"][0], [1, 2, 3, 4])
 
 
 def test_batches_are_padded_to_a_static_size():

@@ -100,3 +100,26 @@ def test_int8_summaries_change_outputs_little():
     out, _ = model(item, valid)
     m = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(out)[m], np.asarray(base)[m], atol=0.05)
+
+
+def test_prefix_chunked_scan_equals_one_parallel_pass():
+    model = tiny()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, 10, 8)), jnp.float32)
+    valid = jnp.asarray(np.arange(10)[None] < np.array([[10], [4], [0]]))
+    chunked = model.summarizer.prefix_states(x * valid[..., None], valid, chunk=4)
+    whole = model.summarizer._fold(x * valid[..., None], valid, model.summarizer.zero_states(3))
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(a.kv_sum, b.kv_sum, **TOL)
+        np.testing.assert_allclose(a.count, b.count, **TOL)
+
+
+def test_lifelong_prefix_reaches_every_position_and_empty_prefix_is_no_prefix():
+    model = tiny()
+    item, valid = inputs()
+    base, _ = model(item, valid)
+    empty, _ = model(item, valid, prefix_BxP=jnp.zeros((3, 5), jnp.int32))
+    np.testing.assert_allclose(empty, base, **TOL)
+    prefix = jnp.asarray(np.random.default_rng(2).integers(1, NUM_ITEMS + 1, (3, 5)), jnp.int32)
+    out, _ = model(item, valid, prefix_BxP=prefix)
+    assert not np.allclose(np.asarray(out)[:, 0], np.asarray(base)[:, 0])

@@ -184,6 +184,11 @@ def make_optimizer(
     return optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay)
 
 
+def lifelong_inputs(batch) -> dict:
+    """Keyword inputs beyond the window: the events before it, for models that read them."""
+    return {"prefix_BxP": batch["prefix"]} if "prefix" in batch else {}
+
+
 def batch_inputs(batch) -> tuple:
     """(item, valid, time, next_time) from a batch of `vista_jax.data.sequences`."""
     return batch["item"], batch["item"] > 0, batch["time"], batch["next_time"]
@@ -211,7 +216,9 @@ def make_train_step(
     def loss_of(params, batch, key):
         model: SequentialEncoder = nnx.merge(graphdef, params)
         dropout_key, negatives_key = jax.random.split(fast_key(key))
-        user_BxLxD, _ = model(*batch_inputs(batch), dropout_key=dropout_key)
+        user_BxLxD, _ = model(
+            *batch_inputs(batch), dropout_key=dropout_key, **lifelong_inputs(batch)
+        )
         return sampled_softmax_loss(
             user_BxLxD,
             batch["target"],
@@ -238,7 +245,7 @@ def make_score_fn(graphdef) -> Callable:
 
     def score(params, batch):
         model: SequentialEncoder = nnx.merge(graphdef, params)
-        user_BxD = model.encode_last(*batch_inputs(batch))
+        user_BxD = model.encode_last(*batch_inputs(batch), **lifelong_inputs(batch))
         return catalog_scores(user_BxD, model.normalized_items())
 
     return score

@@ -55,6 +55,9 @@ flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
 flags.DEFINE_integer("num_seeds", 32, "VISTA: summary tokens per snapshot.")
 flags.DEFINE_integer("snapshot_every", 40, "VISTA: events per snapshot (divides --window).")
 flags.DEFINE_integer("num_recent", 64, "VISTA: raw recent events each position reads.")
+flags.DEFINE_integer(
+    "prefix_len", 0, "VISTA: also summarize up to this many events before the window (0 = off)."
+)
 
 KS = (10, 50, 200)
 
@@ -101,7 +104,11 @@ def train_and_evaluate() -> dict:
     # ==== data ================================================================================
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
-    splits = sequences.from_event_log(event_log, FLAGS.window, FLAGS.train_on_valid)
+    if FLAGS.prefix_len and FLAGS.model != "vista":
+        raise app.UsageError("--prefix_len is for --model=vista (the others read the window)")
+    splits = sequences.from_event_log(
+        event_log, FLAGS.window, FLAGS.train_on_valid, FLAGS.prefix_len
+    )
     log(
         f"{FLAGS.data}: {event_log.num_users} users, {splits.num_items} items; "
         f"{len(splits.train['item'])} train rows, {len(splits.test['item'])} requests"
@@ -198,7 +205,7 @@ def train_and_evaluate() -> dict:
 def flag_values() -> dict:
     names = (
         "epochs eval_every time_budget_min batch_size window num_negatives temperature "
-        "learning_rate weight_decay train_on_valid sampling eval_batch_size"
+        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
 

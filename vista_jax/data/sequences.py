@@ -11,6 +11,10 @@ id 0 after the last event), as the reference's `DatasetV2(chronological=True)` b
 * valid / test request: inputs are the W events before the target; `target` [U] is the item,
   `length` [U] the number of inputs; the answer is read at position length - 1.
 
+With `prefix_len` P > 0 every row also holds `prefix` [P]: the most recent P events *before*
+its window (left aligned, 0 = padding), for models that summarize the lifelong history (the
+VISTA retriever); the window models never read it.
+
 HSTU's relative time bias at position t uses `next_time[t]`, the time of the event t predicts
 (for a request's last position: the target's timestamp, as the reference does).
 Times are int32 seconds since the earliest event of the log.
@@ -46,11 +50,18 @@ def _left_aligned(values: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _train_row(item, time, end: int, window: int) -> Batch:
+def _prefix(item, start: int, prefix_len: int) -> Batch:
+    """The last `prefix_len` events before `start` (nothing when prefix_len is 0)."""
+    if not prefix_len:
+        return {}
+    return {"prefix": _left_aligned(item[max(0, start - prefix_len) : start], prefix_len)}
+
+
+def _train_row(item, time, end: int, window: int, prefix_len: int = 0) -> Batch:
     """Events [max(0, end - W - 1), end): inputs all but the last, targets all but the first."""
     start = max(0, end - window - 1)
     seg_item, seg_time = item[start:end], time[start:end]
-    return {
+    return _prefix(item, start, prefix_len) | {
         "item": _left_aligned(seg_item[:-1], window),
         "time": _left_aligned(seg_time[:-1], window),
         "next_time": _left_aligned(seg_time[1:], window),
@@ -58,11 +69,11 @@ def _train_row(item, time, end: int, window: int) -> Batch:
     }
 
 
-def _request_row(item, time, t: int, window: int) -> Batch:
+def _request_row(item, time, t: int, window: int, prefix_len: int = 0) -> Batch:
     """Predict event t from the W events before it."""
     start = max(0, t - window)
     next_time = np.append(time[start + 1 : t], time[t])
-    return {
+    return _prefix(item, start, prefix_len) | {
         "item": _left_aligned(item[start:t], window),
         "time": _left_aligned(time[start:t], window),
         "next_time": _left_aligned(next_time, window),
@@ -76,7 +87,13 @@ def _stack(rows: list[Batch]) -> Batch:
 
 
 def leave_one_out(
-    offsets, item, time, num_items: int, window: int = 200, train_on_valid: bool = False
+    offsets,
+    item,
+    time,
+    num_items: int,
+    window: int = 200,
+    train_on_valid: bool = False,
+    prefix_len: int = 0,
 ) -> SequenceSplits:
     """Train rows for users with >= 2 training events; valid/test for users with >= 3 events."""
     time = np.asarray(time, np.int64)
@@ -87,16 +104,19 @@ def leave_one_out(
         u_item, u_time, n = item[lo:hi], time[lo:hi], hi - lo
         end = n - 1 if train_on_valid else n - 2
         if end >= 2:
-            train.append(_train_row(u_item, u_time, end, window))
+            train.append(_train_row(u_item, u_time, end, window, prefix_len))
         if n >= 3:
-            valid.append(_request_row(u_item, u_time, n - 2, window) | {"user": np.int32(u)})
-            test.append(_request_row(u_item, u_time, n - 1, window) | {"user": np.int32(u)})
+            for split, t in ((valid, n - 2), (test, n - 1)):
+                row = _request_row(u_item, u_time, t, window, prefix_len)
+                split.append(row | {"user": np.int32(u)})
     return SequenceSplits(_stack(train), _stack(valid), _stack(test), num_items, window)
 
 
-def from_event_log(log, window: int = 200, train_on_valid: bool = False) -> SequenceSplits:
+def from_event_log(
+    log, window: int = 200, train_on_valid: bool = False, prefix_len: int = 0
+) -> SequenceSplits:
     offsets, item, time = user_sequences(log)
-    return leave_one_out(offsets, item, time, log.num_items, window, train_on_valid)
+    return leave_one_out(offsets, item, time, log.num_items, window, train_on_valid, prefix_len)
 
 
 def _padded(split: Batch, rows: np.ndarray, batch_size: int) -> Batch:

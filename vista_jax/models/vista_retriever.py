@@ -11,8 +11,12 @@ L2-normalized tied item embeddings), in one pass over a left-aligned window of L
            every event before t+1 is in the summary or in the raw window; none after).
 
 So stage 2 reads K + R tokens per position, whatever the history length: with the summaries
-cached, serving cost does not grow with history. The mask is static (snapshots sit at fixed
-window positions), so one batched attention serves every position.
+cached, serving cost does not grow with history. With a lifelong `prefix` (the events before
+the window), every snapshot also covers the whole prefix: the summarizer's states start from
+the prefix's states instead of zero. The prefix pass is forward-only (stop-gradient; the same
+layers learn from the window), so its training cost is one chunked QLA pass. The stage-2
+mask is static (snapshots sit at fixed window positions), so one batched attention serves
+every position.
 
 Dimension letters: B batch, L positions, K seeds, J snapshots (L/S + 1), D width, H heads.
 """
@@ -81,24 +85,44 @@ class SnapshotSummarizer(nnx.Module):
         self.seeds = nnx.Param(init(rngs.params(), (scfg.num_seeds, scfg.d_model)))
         self.final_norm = rms_norm(scfg.d_model, rngs)
 
-    def snapshot_states(self, x_BxLxD, valid_BxL, every: int) -> list[qla.QLAState]:
-        """Per layer, the states of snapshots 0..L/S stacked on a leading J axis."""
+    def zero_states(self, batch: int) -> list[qla.QLAState]:
         e = self.cfg.d_model // self.cfg.num_heads
-        states = [qla.QLAState.zeros(x_BxLxD.shape[0], self.cfg.num_heads, e) for _ in self.layers]
+        return [qla.QLAState.zeros(batch, self.cfg.num_heads, e) for _ in self.layers]
+
+    def _fold(self, h, valid, states) -> list[qla.QLAState]:
+        """One chunk of events through every layer: the states after it."""
+        new = []
+        for layer, state in zip(self.layers[:-1], states[:-1], strict=True):
+            h, state = layer.history(h, valid, state, "parallel")
+            new.append(state)
+        return new + [self.layers[-1].fold_state(h, valid, states[-1])]
+
+    def prefix_states(self, x_BxPxD, valid_BxP, chunk: int = 128) -> list[qla.QLAState]:
+        """States after a (long) prefix, scanning chunks of `chunk` events."""
+        b, p, d = x_BxPxD.shape
+        n = -(-p // chunk)
+        pad = n * chunk - p
+        x = jnp.pad(x_BxPxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
+        valid = jnp.pad(valid_BxP, ((0, 0), (0, pad))).reshape(b, n, chunk)
+        step = lambda states, xs: (self._fold(xs[0], xs[1], states), None)  # noqa: E731
+        states, _ = jax.lax.scan(
+            step, self.zero_states(b), (x.swapaxes(0, 1), valid.swapaxes(0, 1))
+        )
+        return states
+
+    def snapshot_states(self, x_BxLxD, valid_BxL, every: int, states=None) -> list[qla.QLAState]:
+        """Per layer, the states of snapshots 0..L/S stacked on a leading J axis."""
+        states = self.zero_states(x_BxLxD.shape[0]) if states is None else states
         snaps = [states]
         for start in range(0, x_BxLxD.shape[1] - every + 1, every):
             h, valid = x_BxLxD[:, start : start + every], valid_BxL[:, start : start + every]
-            new = []
-            for layer, state in zip(self.layers[:-1], states[:-1], strict=True):
-                h, state = layer.history(h, valid, state, "parallel")
-                new.append(state)
-            states = new + [self.layers[-1].fold_state(h, valid, states[-1])]
+            states = self._fold(h, valid, states)
             snaps.append(states)
         return [jax.tree.map(lambda *s: jnp.stack(s), *per) for per in zip(*snaps, strict=True)]
 
-    def __call__(self, x_BxLxD, valid_BxL, every: int) -> jax.Array:
-        """Summary tokens of every snapshot: [B, J, K, D]."""
-        stacked = self.snapshot_states(x_BxLxD, valid_BxL, every)
+    def __call__(self, x_BxLxD, valid_BxL, every: int, states=None) -> jax.Array:
+        """Summary tokens of every snapshot: [B, J, K, D] (continuing `states` if given)."""
+        stacked = self.snapshot_states(x_BxLxD, valid_BxL, every, states)
         j, b = stacked[0].count.shape
         flat = [jax.tree.map(lambda s: s.reshape((j * b,) + s.shape[2:]), s) for s in stacked]
         t = jnp.broadcast_to(self.seeds[...], (j * b,) + self.seeds.shape)
@@ -132,15 +156,28 @@ class VistaRetriever(nnx.Module):
     def normalized_items(self) -> jax.Array:
         return l2_normalize(self.items_table(), self.cfg.l2_eps)
 
-    def summaries(self, item_BxL, valid_BxL, dropout_key=None) -> jax.Array:
-        x = self.embed(item_BxL, valid_BxL, dropout_key)
-        return self.summarizer(x, valid_BxL, self.cfg.snapshot_every)
+    def _prefix_states(self, prefix_BxP):
+        """Stop-gradient states of the events before the window (None without a prefix)."""
+        if prefix_BxP is None or prefix_BxP.shape[1] == 0:
+            return None
+        x = self.embed.items[...][prefix_BxP] * self.embed.scale  # No window positions.
+        valid = prefix_BxP > 0
+        return jax.lax.stop_gradient(self.summarizer.prefix_states(x * valid[..., None], valid))
 
-    def __call__(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None):
+    def __call__(
+        self,
+        item_BxL,
+        valid_BxL,
+        time_BxL=None,
+        next_time_BxL=None,
+        dropout_key=None,
+        prefix_BxP=None,
+    ):
         del time_BxL, next_time_BxL  # Position and order only, as SASRec.
         keys = KeySplitter(dropout_key)
         x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
-        summary_BxJxKxD = self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every)
+        states = self._prefix_states(prefix_BxP)
+        summary_BxJxKxD = self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
         if self.quantize_summaries:
             q, scale = quantize_int8(summary_BxJxKxD)
             summary_BxJxKxD = dequantize_int8(q, scale)
@@ -151,7 +188,7 @@ class VistaRetriever(nnx.Module):
             x_BxLxD = block(x_BxLxD, summary_BxNxD, mask, valid_BxL, keys)
         return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"summary": summary_BxJxKxD}
 
-    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None):
-        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL)
+    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None):
+        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL, prefix_BxP=prefix_BxP)
         last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
         return jnp.take_along_axis(user_BxLxD, last_B[:, None, None], axis=1)[:, 0]
