@@ -32,3 +32,18 @@ def test_short_users_are_left_out_of_validation_and_test(tmp_path, capsys):
     train_users = {int(stream[i]["user"]) for i in range(50)}
     assert train_users == {0, 2}
     assert np.all(data.lengths == [5, 2, 6])
+
+
+def test_data_build_entry_point(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-m", "data.build", "--config=experiments/synthetic/config.py:tiny",
+         f"--data_dir={tmp_path}"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "60 users" in run.stdout and "(ranking)" in run.stdout
