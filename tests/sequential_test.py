@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vista_jax.models import hstu
+from vista_jax.models import hstu, sasrec
 from vista_jax.models.sequential import SequentialEncoder, preset
 
 NUM_ITEMS, LENGTH = 30, 12
@@ -128,3 +128,22 @@ def test_parameters_carry_logical_axes():
                 meta[k] for k in ("out_sharding", "sharding_names", "sharding") if k in meta
             )
             assert set(names) <= allowed and len(names) == var.ndim
+
+
+@pytest.mark.parametrize("name", ["hstu", "hstu_large"])
+def test_blocked_causal_attention_equals_one_block(name):
+    item, valid, time, next_time = inputs(lengths=(12, 7, 3))
+    valid = valid.astype(bool)
+    one, _ = tiny(name, attention_chunks=1)(item, valid, time, next_time)
+    for chunks in (3, 5):  # 5 does not divide 12: uneven last block.
+        blocked, _ = tiny(name, attention_chunks=chunks)(item, valid, time, next_time)
+        np.testing.assert_allclose(blocked, one, atol=1e-6)
+
+
+def test_sasrec_training_attention_equals_dot_product_attention():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 4)), jnp.float32) for _ in range(3))
+    want = sasrec.causal_softmax_attention(q, k, v, 0.0, None)  # jax.nn.dot_product_attention
+    for chunks in (1, 3, 4):  # A rate this small keeps every weight but takes the blocked path.
+        got = sasrec.causal_softmax_attention(q, k, v, 1e-9, jax.random.key(0), chunks)
+        np.testing.assert_allclose(got, want, atol=1e-6)
