@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vista_jax.models import hstu
+from vista_jax.models import hstu, sasrec
 from vista_jax.models.sequential import SequentialEncoder, preset
 
 NUM_ITEMS, LENGTH = 30, 12
@@ -128,3 +128,85 @@ def test_parameters_carry_logical_axes():
                 meta[k] for k in ("out_sharding", "sharding_names", "sharding") if k in meta
             )
             assert set(names) <= allowed and len(names) == var.ndim
+
+
+@pytest.mark.parametrize("name", ["hstu", "hstu_large"])
+def test_blocked_causal_attention_equals_one_block(name):
+    item, valid, time, next_time = inputs(lengths=(12, 7, 3))
+    valid = valid.astype(bool)
+    one, _ = tiny(name, attention_chunks=1)(item, valid, time, next_time)
+    for chunks in (3, 5):  # 5 does not divide 12: uneven last block.
+        blocked, _ = tiny(name, attention_chunks=chunks)(item, valid, time, next_time)
+        np.testing.assert_allclose(blocked, one, atol=1e-6)
+
+
+def test_sasrec_training_attention_equals_dot_product_attention():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 4)), jnp.float32) for _ in range(3))
+    want = sasrec.causal_softmax_attention(q, k, v, 0.0, None)  # jax.nn.dot_product_attention
+    for chunks in (1, 3, 4):  # A rate this small keeps every weight but takes the blocked path.
+        got = sasrec.causal_softmax_attention(q, k, v, 1e-9, jax.random.key(0), chunks)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# -- a line-by-line numpy transcription of the reference's forward pass ----------------------
+def _ln(x, eps):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _numpy_sasrec_block(p, x, valid, heads):
+    q_in = _ln(x, 1e-8)
+    q = q_in @ p["query"]["kernel"] + p["query"]["bias"]
+    k, v = np.split(x @ p["key_value"]["kernel"] + p["key_value"]["bias"], 2, axis=-1)
+    b, length, d = x.shape
+    split = lambda t: t.reshape(b, length, heads, d // heads)  # noqa: E731
+    logits = np.einsum("blhe,bmhe->bhlm", split(q), split(k)) / np.sqrt(d // heads)
+    logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bhlm,bmhe->blhe", weights, split(v)).reshape(x.shape)
+    y = _ln(q_in + attended @ p["out"]["kernel"] + p["out"]["bias"], 1e-8)
+    hidden = np.maximum(y @ p["ffn_in"]["kernel"] + p["ffn_in"]["bias"], 0.0)
+    return (y + hidden @ p["ffn_out"]["kernel"] + p["ffn_out"]["bias"]) * valid[..., None]
+
+
+def _numpy_hstu_block(p, x, query_time, time, heads, max_len):
+    b, length, _ = x.shape
+    u, v, q, k = np.split(_silu(_ln(x, 1e-6) @ p["uvqk"]), 4, axis=-1)  # dv = dqk here
+    dt = np.abs(query_time[:, :, None] - time[:, None, :]).astype(np.float64)
+    bucket = np.clip(np.floor(np.log(np.maximum(dt, 1.0)) / 0.301), 0, 128).astype(int)
+    offset = np.clip(np.arange(length)[:, None] - np.arange(length)[None, :], 0, None)
+    bias = p["time_bias"][bucket] + p["position_bias"][offset]
+    split = lambda t: t.reshape(b, length, heads, -1)  # noqa: E731
+    scores = np.einsum("blhe,bmhe->bhlm", split(q), split(k)) + bias[:, None]
+    weights = _silu(scores) / max_len * np.tril(np.ones((length, length)))
+    attended = np.einsum("bhlm,bmhe->blhe", weights, split(v)).reshape(b, length, -1)
+    return x + (u * _ln(attended, 1e-6)) @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_matches_numpy_transcription_of_the_reference(name):
+    model = tiny(name)
+    rng = np.random.default_rng(0)  # Random values everywhere, biases included.
+    state = nnx.state(model, nnx.Param)
+    draw = lambda a: 0.3 * rng.standard_normal(a.shape, np.float32)  # noqa: E731
+    nnx.update(model, jax.tree.map(draw, state))
+    p = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    item, valid, time, next_time = inputs(lengths=(12, 7, 3))
+    got, _ = model(item, valid.astype(bool), time, next_time)
+    cfg = model.cfg
+    x = p["embed"]["items"][np.asarray(item)] * np.sqrt(cfg.d_model) + p["embed"]["positions"]
+    x = x * np.asarray(valid)[..., None]
+    for i in range(cfg.num_blocks):
+        if cfg.kind == "sasrec":
+            x = _numpy_sasrec_block(p["blocks"][i], x, np.asarray(valid), cfg.num_heads)
+        else:
+            t, nt = np.asarray(time), np.asarray(next_time)
+            x = _numpy_hstu_block(p["blocks"][i], x, nt, t, cfg.num_heads, cfg.max_len)
+    want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)

@@ -100,7 +100,7 @@ def log_eval(row: dict) -> None:
 
 
 def train_and_evaluate() -> dict:
-    start = time.time()
+    start, commit = time.time(), git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
@@ -196,7 +196,7 @@ def train_and_evaluate() -> dict:
         | best_test,
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
     }

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vista_jax.models.seq_layers import dropout, layer_norm, linear, param
+from vista_jax.models.seq_layers import causal_query_blocks, dropout, layer_norm, linear, param
 
 if TYPE_CHECKING:
     from vista_jax.models.sequential import SequentialConfig
@@ -45,6 +45,7 @@ class HSTUBlock(nnx.Module):
     def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.num_heads
         self.num_heads, self.rate, self.max_len = h, cfg.dropout, cfg.max_len
+        self.attention_chunks = cfg.attention_chunks
         self.split_sizes = (h * cfg.linear_dim, h * cfg.linear_dim, h * cfg.attn_dim)
         width = 2 * h * (cfg.linear_dim + cfg.attn_dim)
         self.uvqk = param(nnx.initializers.normal(0.02), (d, width), ("embed", "heads"), rngs)
@@ -55,11 +56,26 @@ class HSTUBlock(nnx.Module):
         # Only causal offsets i - j in [0, max_len) are ever used.
         self.position_bias = param(normal, (cfg.max_len,), (None,), rngs)
 
-    def relative_bias(self, buckets_BxLxL) -> jax.Array:
-        length = buckets_BxLxL.shape[-1]
-        offset_LxL = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-        position_LxL = self.position_bias[...][jnp.clip(offset_LxL, 0, length - 1)]
-        return self.time_bias[...][buckets_BxLxL] + position_LxL
+    def relative_bias(self, buckets_BxTxM, start: int) -> jax.Array:
+        """Bias of queries start..start+T-1 against keys 0..M-1: [B, T, M]."""
+        rows, cols = buckets_BxTxM.shape[1:]
+        offset_TxM = start + jnp.arange(rows)[:, None] - jnp.arange(cols)[None, :]
+        position_TxM = self.position_bias[...][jnp.clip(offset_TxM, 0, self.max_len - 1)]
+        return self.time_bias[...][buckets_BxTxM] + position_TxM
+
+    def attention(self, q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, buckets_BxLxL) -> jax.Array:
+        """Causal SiLU attention, query block by query block: a block of queries ending at
+        `end` reads keys [0, end) only, which skips most of the masked upper triangle."""
+        outputs = []
+        for start, end in causal_query_blocks(q_BxHxLxE.shape[2], self.attention_chunks):
+            scores = jnp.einsum(
+                "bhte,bhme->bhtm", q_BxHxLxE[:, :, start:end], k_BxHxLxE[:, :, :end]
+            )
+            scores = scores + self.relative_bias(buckets_BxLxL[:, start:end, :end], start)[:, None]
+            causal_TxM = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+            weights = jnp.where(causal_TxM, jax.nn.silu(scores) / self.max_len, 0.0)
+            outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v_BxHxLxE[:, :, :end]))
+        return jnp.concatenate(outputs, axis=2)
 
     def __call__(self, x_BxLxD, valid_BxL, buckets_BxLxL, keys):
         del valid_BxL  # Left-aligned padding is after every valid row: causality hides it.
@@ -67,13 +83,9 @@ class HSTUBlock(nnx.Module):
         proj = jax.nn.silu(layer_norm(x_BxLxD, _LN_EPS) @ self.uvqk[...])
         i1, i2, i3 = (sum(self.split_sizes[:n]) for n in (1, 2, 3))
         u, v, q, k = proj[..., :i1], proj[..., i1:i2], proj[..., i2:i3], proj[..., i3:]
-        heads = lambda t: t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
         # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
-        scores_BxHxLxL = jnp.einsum("bhle,bhme->bhlm", heads(q), heads(k))
-        scores_BxHxLxL = scores_BxHxLxL + self.relative_bias(buckets_BxLxL)[:, None]
-        causal_LxL = jnp.tril(jnp.ones((length, length), bool))
-        weights = jnp.where(causal_LxL, jax.nn.silu(scores_BxHxLxL) / self.max_len, 0.0)
-        attended_BxHxLxE = jnp.einsum("bhlm,bhme->bhle", weights, heads(v))
+        heads = lambda t: t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        attended_BxHxLxE = self.attention(heads(q), heads(k), heads(v), buckets_BxLxL)
         attended = attended_BxHxLxE.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         gated_BxLxV = u * layer_norm(attended, _LN_EPS)
         return x_BxLxD + self.out(dropout(gated_BxLxV, self.rate, keys()))

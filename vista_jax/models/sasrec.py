@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vista_jax.models.seq_layers import dropout, layer_norm, linear
+from vista_jax.models.seq_layers import causal_query_blocks, dropout, layer_norm, linear
 
 if TYPE_CHECKING:
     from vista_jax.models.sequential import SequentialConfig
@@ -27,18 +27,25 @@ if TYPE_CHECKING:
 _LN_EPS = 1e-8
 
 
-def causal_softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, rate: float, key):
-    """Softmax(q k^T / sqrt(E)) over keys <= query, with dropout on the weights when training."""
+def causal_softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, rate: float, key, chunks: int = 1):
+    """Softmax(q k^T / sqrt(E)) over keys <= query, with dropout on the weights when training.
+
+    Training computes query blocks that read only the keys before their end (`chunks`).
+    """
     if key is None or rate == 0.0:
         return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, is_causal=True)
-    length = q_BxLxHxE.shape[1]
     # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q_BxLxHxE, k_BxLxHxE, v_BxLxHxE))
-    logits_BxHxLxL = jnp.einsum("bhle,bhme->bhlm", q / math.sqrt(q.shape[-1]), k)
-    causal_LxL = jnp.tril(jnp.ones((length, length), bool))
-    logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, -1e30)
-    weights_BxHxLxL = dropout(jax.nn.softmax(logits_BxHxLxL, axis=-1), rate, key)
-    return jnp.einsum("bhlm,bhme->bhle", weights_BxHxLxL, v).transpose(0, 2, 1, 3)
+    q = q / math.sqrt(q.shape[-1])
+    outputs = []
+    for block, (start, end) in enumerate(causal_query_blocks(q.shape[2], chunks)):
+        logits_BxHxTxM = jnp.einsum("bhte,bhme->bhtm", q[:, :, start:end], k[:, :, :end])
+        causal_TxM = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+        logits_BxHxTxM = jnp.where(causal_TxM, logits_BxHxTxM, -1e30)
+        weights = jax.nn.softmax(logits_BxHxTxM, axis=-1)
+        weights = dropout(weights, rate, jax.random.fold_in(key, block))
+        outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v[:, :, :end]))
+    return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)
 
 
 class SASRecBlock(nnx.Module):
@@ -46,6 +53,7 @@ class SASRecBlock(nnx.Module):
         d = cfg.d_model
         self.num_heads = cfg.num_heads
         self.rate, self.attn_rate = cfg.dropout, cfg.attn_dropout
+        self.chunks = cfg.attention_chunks
         # torch MHA's packed in_proj [3D, D] gets xavier normal: std sqrt(2 / 4D) for q, k, v.
         in_proj = nnx.initializers.normal(math.sqrt(2.0 / (4 * d)))
         self.query = linear(d, d, ("embed", "heads"), rngs, kernel_init=in_proj)
@@ -62,7 +70,7 @@ class SASRecBlock(nnx.Module):
         q_in_BxLxD = layer_norm(x_BxLxD, _LN_EPS)
         k_BxLxD, v_BxLxD = jnp.split(self.key_value(x_BxLxD), 2, axis=-1)
         q, k, v = (self._heads(t) for t in (self.query(q_in_BxLxD), k_BxLxD, v_BxLxD))
-        attended = causal_softmax_attention(q, k, v, self.attn_rate, keys())
+        attended = causal_softmax_attention(q, k, v, self.attn_rate, keys(), self.chunks)
         y_BxLxD = layer_norm(q_in_BxLxD + self.out(attended.reshape(x_BxLxD.shape)), _LN_EPS)
         h_BxLxF = dropout(jax.nn.relu(self.ffn_in(y_BxLxD)), self.rate, keys())
         out_BxLxD = y_BxLxD + dropout(self.ffn_out(h_BxLxF), self.rate, keys())

@@ -58,6 +58,13 @@ class KeySplitter:
         return jax.random.fold_in(self._key, self._count)
 
 
+def causal_query_blocks(length: int, num_blocks: int) -> list[tuple[int, int]]:
+    """[start, end) query blocks; block b only needs keys [0, end) under a causal mask, so
+    n blocks compute (n + 1) / 2n of the L x L scores instead of all of them."""
+    size = -(-length // max(1, num_blocks))
+    return [(start, min(length, start + size)) for start in range(0, length, size)]
+
+
 def xavier_normal():
     return nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
 

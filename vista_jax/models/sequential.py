@@ -55,6 +55,9 @@ class SequentialConfig:
     num_recent: int = 64
     summary_layers: int = 2
     summary_heads: int = 1
+    # Causal attention is computed in this many query blocks, each reading only the keys
+    # before its end (a speed knob: 4 blocks compute 5/8 of the L x L scores; same result).
+    attention_chunks: int = 4
 
     def __post_init__(self):
         if self.kind not in KINDS:
