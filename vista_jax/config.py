@@ -39,6 +39,14 @@ def _positive(section: str, **values):
             )
 
 
+def _divisible(section: str, d_model: int, num_heads: int):
+    if d_model % num_heads:
+        raise ConfigError(
+            f"config key '{section}.d_model' ({d_model}) must be divisible by "
+            f"'{section}.num_heads' ({num_heads}). Fix: change either key"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SummarizerConfig:
     """Stage 1: learned seeds summarize the whole history."""
@@ -68,11 +76,7 @@ class SummarizerConfig:
             chunk_size=self.chunk_size,
             recon_window=self.recon_window,
         )
-        if self.d_model % self.num_heads:
-            raise ConfigError(
-                f"config key 'summarizer.d_model' ({self.d_model}) must be divisible by "
-                f"'summarizer.num_heads' ({self.num_heads}). Fix: change either key"
-            )
+        _divisible("summarizer", self.d_model, self.num_heads)
         if self.attention not in ATTENTIONS:
             raise ConfigError(_choice("summarizer.attention", self.attention, ATTENTIONS))
 
@@ -95,11 +99,7 @@ class RankerConfig:
     def __post_init__(self):
         _positive("ranker", d_model=self.d_model, num_heads=self.num_heads)
         _positive("ranker", num_layers=self.num_layers, mlp_hidden=self.mlp_hidden)
-        if self.d_model % self.num_heads:
-            raise ConfigError(
-                f"config key 'ranker.d_model' ({self.d_model}) must be divisible by "
-                f"'ranker.num_heads' ({self.num_heads}). Fix: change either key"
-            )
+        _divisible("ranker", self.d_model, self.num_heads)
 
     @property
     def use_summaries(self) -> bool:

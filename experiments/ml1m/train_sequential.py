@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from vista_jax import metrics, retrieval
+from vista_jax import fingerprints, metrics, retrieval
 from vista_jax.data import sequences
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
@@ -66,20 +65,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def git_commit() -> str:
-    root = pathlib.Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.check_output(["git", "-C", str(root), "rev-parse", "HEAD"], text=True)
-        dirty = subprocess.check_output(
-            ["git", "-C", str(root), "status", "--porcelain"], text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.strip() + (
-        "-dirty" if any(not ln.startswith("??") for ln in dirty.splitlines()) else ""
-    )
-
-
 def evaluate(score_fn, params, split: sequences.Batch, batch_size: int) -> dict[str, float]:
     """Catalog ranks of each request's target, the history window excluded."""
     ranks = []
@@ -100,7 +85,10 @@ def log_eval(row: dict) -> None:
 
 
 def train_and_evaluate() -> dict:
-    start, commit = time.time(), git_commit()  # The code that runs, not HEAD at the end.
+    start, commit = (
+        time.time(),
+        fingerprints.git_commit(),
+    )  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))

@@ -150,5 +150,10 @@ class SequentialEncoder(nnx.Module):
     def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None):
         """Deterministic embedding at each row's last valid position: [B, D]."""
         user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL)
-        last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
-        return jnp.take_along_axis(user_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        return at_last_valid(user_BxLxD, valid_BxL)
+
+
+def at_last_valid(x_BxLxD, valid_BxL) -> jax.Array:
+    """Each row's vector at its last valid (left-aligned) position: [B, D]."""
+    last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
+    return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]

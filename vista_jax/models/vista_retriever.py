@@ -189,6 +189,7 @@ class VistaRetriever(nnx.Module):
         return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"summary": summary_BxJxKxD}
 
     def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None):
+        from vista_jax.models.sequential import at_last_valid  # noqa: PLC0415 (import cycle)
+
         user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL, prefix_BxP=prefix_BxP)
-        last_B = jnp.maximum(jnp.sum(valid_BxL, axis=1) - 1, 0)
-        return jnp.take_along_axis(user_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        return at_last_valid(user_BxLxD, valid_BxL)
