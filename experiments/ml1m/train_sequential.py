@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from vista_jax import fingerprints, metrics, retrieval
+from vista_jax import fingerprints, metrics, retrieval, retrieval_cache
 from vista_jax.data import sequences
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
@@ -59,6 +59,15 @@ flags.DEFINE_integer(
     "prefix_len", 0, "VISTA: also summarize up to this many events before the window (0 = off)."
 )
 
+flags.DEFINE_string(
+    "export_cache", "", "VISTA: after training, write every row's snapshot summaries here."
+)
+flags.DEFINE_string(
+    "from_cache",
+    "",
+    "VISTA: train a downstream retriever that reads the summaries from this cache (written "
+    "by a source run's --export_cache; same data, window, prefix and VISTA flags).",
+)
 flags.DEFINE_string(
     "resume_dir",
     "",
@@ -156,9 +165,19 @@ def train_and_evaluate() -> dict:
         snapshot_every=FLAGS.snapshot_every,
         num_recent=FLAGS.num_recent,
     )
+    source = "cached" if FLAGS.from_cache else "live"
     cfg = preset(
-        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time, **vista
-    )
+        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
+        summary_source=source, **vista,
+    )  # fmt: skip
+    if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
+        splits = retrieval_cache.attach(
+            splits, FLAGS.from_cache, *retrieval_cache.summary_shape(cfg)
+        )
+        splits = dataclasses.replace(splits, **{
+            name: {k: v for k, v in getattr(splits, name).items() if k != "prefix"}
+            for name in retrieval_cache.SPLITS
+        })  # fmt: skip
     model = build_encoder(cfg, nnx.Rngs(FLAGS.seed))
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
@@ -176,7 +195,7 @@ def train_and_evaluate() -> dict:
 
     score_fn = jax.jit(retrieval.make_score_fn(graphdef))
     int8_score_fn = None
-    if cfg.kind == "vista":  # Stage 2 on int8 summaries: what a model reading the cache sees.
+    if cfg.kind == "vista" and source == "live":  # Stage 2 on int8 summaries, as from a cache.
         quantized = nnx.merge(graphdef, state.params)
         quantized.quantize_summaries = True
         int8_score_fn = jax.jit(retrieval.make_score_fn(nnx.split(quantized, nnx.Param)[0]))
@@ -193,6 +212,7 @@ def train_and_evaluate() -> dict:
         evals, epoch_seconds, first = record["evals"], record["epoch_seconds"], record["epoch"] + 1
         start -= record["wall_seconds"]  # Wall time counts every session; the budget, this one.
         log(f"resumed after epoch {record['epoch']} from {FLAGS.resume_dir}")
+    epoch = first - 1
     for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
         for batch in sequences.train_batches(splits.train, FLAGS.batch_size, rng):
@@ -226,6 +246,20 @@ def train_and_evaluate() -> dict:
         if over_budget:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
             break
+    # ==== cache export ========================================================================
+    exported = None
+    if FLAGS.export_cache:
+        if cfg.kind != "vista" or source != "live":
+            raise app.UsageError("--export_cache needs a source VISTA model (--model=vista*)")
+        t2 = time.time()
+        manifest = retrieval_cache.export(
+            nnx.merge(graphdef, state.params), splits, FLAGS.export_cache,
+            version=f"{FLAGS.model}-seed{FLAGS.seed}-epoch{epoch}", step=int(state.step),
+            source={"model": FLAGS.model, "epoch": epoch, "commit": commit} | flag_values(),
+        )  # fmt: skip
+        exported = {"root": FLAGS.export_cache, "version": manifest["version"],
+                    "seconds": time.time() - t2}  # fmt: skip
+        log(f"exported summaries of {manifest['num_rows']} rows as {exported}")
     # ==== summary =============================================================================
     selected = max(evals, key=lambda r: r["valid"]["ndcg@10"])
     best_test = max(evals, key=lambda r: r["test"]["ndcg@10"])
@@ -244,6 +278,7 @@ def train_and_evaluate() -> dict:
         | best_test,
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
+        "summary_cache": {"read_from": FLAGS.from_cache or None, "exported": exported},
         "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
@@ -253,7 +288,7 @@ def train_and_evaluate() -> dict:
 def flag_values() -> dict:
     names = (
         "epochs eval_every time_budget_min batch_size window num_negatives temperature "
-        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len"
+        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len from_cache"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
 

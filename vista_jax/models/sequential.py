@@ -56,6 +56,9 @@ class SequentialConfig:
     summary_layers: int = 2
     summary_heads: int = 1
     stage2: str = "sasrec"  # VISTA stage-2 blocks: "sasrec" (softmax) or "hstu" (time-aware).
+    # "live": the retriever runs its summarizer; "cached": a downstream retriever that reads
+    # frozen summaries (from a source retriever, through a summary store) as input.
+    summary_source: str = "live"
     # Causal attention is computed in this many query blocks, each reading only the keys
     # before its end (a speed knob: 4 blocks compute 5/8 of the L x L scores; same result).
     attention_chunks: int = 4
@@ -67,6 +70,10 @@ class SequentialConfig:
             raise ValueError(f"query_time must be 'next' or 'current', got {self.query_time!r}")
         if self.stage2 not in ("sasrec", "hstu"):
             raise ValueError(f"stage2 must be 'sasrec' or 'hstu', got {self.stage2!r}")
+        if self.summary_source not in ("live", "cached"):
+            raise ValueError(
+                f"summary_source must be 'live' or 'cached', got {self.summary_source!r}"
+            )
 
 
 def preset(name: str, num_items: int, **overrides) -> SequentialConfig:

@@ -175,7 +175,10 @@ class VistaRetriever(nnx.Module):
 
     The same interface as `SequentialEncoder`, so the retrieval harness trains either.
     `quantize_summaries` runs stage 2 on int8 summaries (one scale per token), as a model
-    reading the cache does.
+    reading the cache does. With `cfg.summary_source == "cached"` the model is a downstream
+    retriever: it has no summarizer and reads every snapshot's summary tokens from its input
+    (`summary_BxJxKxD`, read from a summary store), so it never sees the history beyond the
+    window and its cost does not depend on it.
     """
 
     def __init__(self, cfg, rngs: nnx.Rngs):
@@ -185,7 +188,8 @@ class VistaRetriever(nnx.Module):
             raise ValueError("need max_len % snapshot_every == 0 and num_recent >= snapshot_every")
         self.cfg = cfg
         self.embed = InputEmbedding(cfg, rngs)
-        self.summarizer = SnapshotSummarizer(cfg, rngs)
+        if cfg.summary_source == "live":
+            self.summarizer = SnapshotSummarizer(cfg, rngs)
         block = SummaryHSTUBlock if cfg.stage2 == "hstu" else SummaryAttentionBlock
         self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_blocks)])
         self.quantize_summaries = False
@@ -195,6 +199,19 @@ class VistaRetriever(nnx.Module):
 
     def normalized_items(self) -> jax.Array:
         return l2_normalize(self.items_table(), self.cfg.l2_eps)
+
+    def snapshot_summaries(self, x_BxLxD, valid_BxL, prefix_BxP=None) -> jax.Array:
+        """Summary tokens of every snapshot of the window (and prefix): [B, J, K, D]."""
+        if self.cfg.summary_source != "live":
+            raise ValueError("a cached-summary VistaRetriever needs summary_BxJxKxD")
+        states = self._prefix_states(prefix_BxP)
+        return self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
+
+    def summaries(self, item_BxL, prefix_BxP=None) -> jax.Array:
+        """Deterministic summaries of a batch of windows: what a summary cache stores."""
+        valid_BxL = item_BxL > 0
+        x_BxLxD = self.embed(item_BxL, valid_BxL, None)
+        return self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
 
     def _prefix_states(self, prefix_BxP):
         """Stop-gradient states of the events before the window (None without a prefix)."""
@@ -212,11 +229,14 @@ class VistaRetriever(nnx.Module):
         next_time_BxL=None,
         dropout_key=None,
         prefix_BxP=None,
+        summary_BxJxKxD=None,
     ):
         keys = KeySplitter(dropout_key)
         x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
-        states = self._prefix_states(prefix_BxP)
-        summary_BxJxKxD = self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
+        if summary_BxJxKxD is None:
+            summary_BxJxKxD = self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
+        elif self.cfg.summary_source == "live":
+            raise ValueError("a live-summary VistaRetriever computes its own summaries")
         if self.quantize_summaries:
             q, scale = quantize_int8(summary_BxJxKxD)
             summary_BxJxKxD = dequantize_int8(q, scale)
@@ -233,8 +253,13 @@ class VistaRetriever(nnx.Module):
                 x_BxLxD = block(x_BxLxD, summary_BxNxD, mask, valid_BxL, keys)
         return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"summary": summary_BxJxKxD}
 
-    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None):
+    def encode_last(
+        self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None,
+        summary_BxJxKxD=None,
+    ):  # fmt: skip
         from vista_jax.models.sequential import at_last_valid  # noqa: PLC0415 (import cycle)
 
-        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL, prefix_BxP=prefix_BxP)
+        user_BxLxD, _ = self(
+            item_BxL, valid_BxL, time_BxL, next_time_BxL, None, prefix_BxP, summary_BxJxKxD
+        )
         return at_last_valid(user_BxLxD, valid_BxL)
