@@ -178,3 +178,16 @@ def test_a_damaged_row_shard_is_an_error_not_zeros(tmp_path):
     store = SummaryStore.open(root, context=ts.Context())
     with pytest.raises(SummaryStoreError, match="damaged"):
         store.read(np.arange(SHARD))
+
+
+def test_reader_of_a_version_deleted_and_published_again_is_refused(root_factory):
+    """The fast liveness check (a stat of the manifest on local roots) sees a republish."""
+    root, context = root_factory("again")
+    _write(root, context, "rows", **_data(0))
+    reader = SummaryStore.open(root, context=context)
+    spec = root if isinstance(root, dict) else {"driver": "file", "path": root + "/"}
+    kvstore = ts.KvStore.open(spec, context=context).result()
+    kvstore.delete_range(ts.KvStore.KeyRange("versions/v1/", "versions/v10")).result()
+    _write(root, context, "rows", **_data(1))
+    with pytest.raises(SummaryStoreError, match="deleted and published again"):
+        reader.read(np.arange(R))

@@ -7,14 +7,19 @@ same code serves every backend::
 
   CURRENT                                 text: id of the current version (moved by CAS)
   versions/<v>/manifest.json              created once, never rewritten: publishes <v>
-  versions/<v>/attempts/<attempt>/        one write attempt's arrays: an OCDBT database
+  versions/<v>/attempts/<attempt>/        one write attempt's arrays (zarr3)
       summary    [R, K, D]  int8 | bfloat16 | float32   (quantization "int8" | "bf16" | "none")
       scale      [R, K]     float32   int8 only: one symmetric scale per summary token
       present    [R]        uint8     1 = row written; other rows read as absent (zeros)
       coverage   [R]        int64     how many of the row's user's time-sorted events it covers
+      event_time [R]        int64     time of the last event it covers (format 4)
       <extra>    [R, ...]   any       named per-row arrays (e.g. recurrent QLA states)
 
-With layout "plain" the arrays are plain zarr3 directories instead of one OCDBT database.
+Layouts: "rows" (the default, format 4) packs the core values of each row into one record of
+the array ``row [R, row_bytes] uint8``, in shards of ``chunk_rows`` rows with one inner chunk
+per row, for random reads (`vista_jax.store_rows`); "ocdbt" keeps one array per value in one
+OCDBT database, "plain" in plain zarr3 directories. Extras are arrays of their own in every
+layout. Format 4 adds the lineage keys (``LINEAGE_KEYS``); formats 2 and 3 are still read.
 ``<attempt>`` is ``<UTC start time>-<random hex>`` (``20250101T120000.123456Z-9f3a0c1b2d4e``),
 unique to one write attempt; the manifest names the attempt it publishes (``attempt``,
 ``data``). Format-2 manifests (before attempts) keep their arrays at ``versions/<v>/data/``

@@ -31,6 +31,7 @@ from vista_jax.store_layout import SummaryStoreError
 
 ROW_ARRAY = "row"
 _MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk never written
+_ABSENT, _NOT_LOADED = -1, -2  # RowReader offsets of rows never written / of unread shards
 _INDEX_ENTRY_BYTES = 16  # offset and length, uint64 little-endian
 _CRC_BYTES = 4
 _BUFFERED_SHARDS = 4  # partial shards held before the fullest is flushed (out-of-order input)
@@ -73,14 +74,14 @@ def unpack(raw: np.ndarray, dtype: np.dtype, k: int, d: int, stored: np.dtype) -
     (int8 only), "coverage", "event_time" int64, "present" uint8}; all-zero records (never
     written) come out as zeros with present 0."""
     records = np.ascontiguousarray(raw).view(dtype).reshape(len(raw))
-    out = {
-        "summary": records["summary"].copy().view(stored).reshape(len(raw), k, d),
+    out = {  # summary and scale are views into `raw`, rows `row_bytes` apart: no copy
+        "summary": records["summary"].view(stored).reshape(len(raw), k, d),
         "coverage": records["coverage"].astype(np.int64),
         "event_time": records["event_time"].astype(np.int64),
         "present": records["present"].copy(),
     }
     if "scale" in dtype.names:
-        out["scale"] = records["scale"].astype(np.float32)
+        out["scale"] = records["scale"]
     return out
 
 
@@ -175,26 +176,23 @@ class RowReader:
         self._shard_rows = shard_rows
         self._local = kvstore.get("driver") == "file"
         self._kvstore = None if self._local else ts.KvStore.open(kvstore, context=context).result()
-        self._indexes: dict[int, np.ndarray | None] = {}  # shard -> [shard_rows, 2] or None
+        # Byte offset of each row in its shard (_ABSENT: never written), from shard indexes
+        # read on first use: 8 bytes of host memory per row.
+        self._offsets = np.full(num_rows, _NOT_LOADED, np.int64)
         self._files: dict[int, int] = {}  # shard -> open file descriptor (file kvstore)
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """Records of rows `ids` (int64, each in [0, num_rows)) as uint8 [B, row_bytes]; rows
         never written (no shard, or no inner chunk) are zeros."""
-        out = np.zeros((len(ids), self._row_bytes), np.uint8)
-        shards, within = np.divmod(ids, self._shard_rows)
-        offsets = np.full(len(ids), -1, np.int64)
-        for shard in np.unique(shards).tolist():
-            index = self._index(shard)
-            if index is None:
-                continue
-            picked = shards == shard
-            entries = index[within[picked]]
-            ok = entries[:, 0] != _MISSING
-            if np.any(ok & (entries[:, 1] != self._row_bytes)):
-                raise self._damaged(shard, f"a row that is not {self._row_bytes} bytes")
-            offsets[np.flatnonzero(picked)[ok]] = entries[ok, 0].astype(np.int64)
+        out = np.empty((len(ids), self._row_bytes), np.uint8)
+        offsets = self._offsets[ids]
+        if np.any(offsets == _NOT_LOADED):
+            for shard in np.unique(ids[offsets == _NOT_LOADED] // self._shard_rows).tolist():
+                self._load_index(shard)
+            offsets = self._offsets[ids]
         todo = np.flatnonzero(offsets >= 0)
+        out[offsets < 0] = 0
+        shards = ids // self._shard_rows
         if self._local:
             self._read_local(out, todo, shards, offsets)
         else:
@@ -202,9 +200,10 @@ class RowReader:
         return out
 
     def _read_local(self, out, todo, shards, offsets) -> None:
-        for j in todo.tolist():
-            got = os.preadv(self._file(int(shards[j])), [out[j]], int(offsets[j]))
-            if got != self._row_bytes:
+        flat, width = memoryview(out.reshape(-1)), self._row_bytes
+        fds = [self._file(shard) for shard in shards[todo].tolist()]
+        for j, fd, offset in zip(todo.tolist(), fds, offsets[todo].tolist(), strict=True):
+            if os.preadv(fd, [flat[j * width : (j + 1) * width]], offset) != width:
                 raise self._damaged(int(shards[j]), "a row past its end")
 
     def _read_kvstore(self, out, todo, shards, offsets) -> None:
@@ -232,19 +231,23 @@ class RowReader:
             self._files[shard] = os.open(self._spec["path"] + self._key(shard), os.O_RDONLY)
         return self._files[shard]
 
-    def _index(self, shard: int) -> np.ndarray | None:
-        """The shard's index [shard_rows, 2] (offset, length) or None when it has no file;
-        read once (a published version is immutable)."""
-        if shard not in self._indexes:
-            rows = self._shard_rows  # the last shard too: its index spans the whole grid cell
-            size = rows * _INDEX_ENTRY_BYTES + _CRC_BYTES
-            raw = self._read_tail(shard, size)
-            if raw is not None and len(raw) != size:
-                raise self._damaged(shard, "no complete index")
-            self._indexes[shard] = (
-                None if raw is None else np.frombuffer(raw[:-_CRC_BYTES], "<u8").reshape(rows, 2)
-            )
-        return self._indexes[shard]
+    def _load_index(self, shard: int) -> None:
+        """Reads a shard's index (offset, length per row) into the offsets of its rows, once:
+        a published version is immutable. A shard without a file holds no row."""
+        size = self._shard_rows * _INDEX_ENTRY_BYTES + _CRC_BYTES  # the last shard's too
+        raw = self._read_tail(shard, size)
+        if raw is not None and len(raw) != size:
+            raise self._damaged(shard, "no complete index")
+        rows = slice(shard * self._shard_rows, (shard + 1) * self._shard_rows)
+        count = len(self._offsets[rows])
+        if raw is None:
+            self._offsets[rows] = _ABSENT
+            return
+        entries = np.frombuffer(raw[:-_CRC_BYTES], "<u8").reshape(self._shard_rows, 2)[:count]
+        written = entries[:, 0] != _MISSING
+        if np.any(written & (entries[:, 1] != self._row_bytes)):
+            raise self._damaged(shard, f"a row that is not {self._row_bytes} bytes")
+        self._offsets[rows] = np.where(written, entries[:, 0].astype(np.int64), _ABSENT)
 
     def _read_tail(self, shard: int, size: int) -> bytes | None:
         if self._local:
@@ -273,4 +276,7 @@ class RowReader:
         self._files.clear()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules already torn down
+            pass
