@@ -136,7 +136,7 @@ class ShardBuffer:
     def write(self, ids: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
         for j, row in enumerate(ids.tolist()):
             shard = self._pending.setdefault(row // self._shard_rows, {})
-            shard[row] = {name: v[j] for name, v in values.items()}
+            shard[row] = {name: v[j].copy() for name, v in values.items()}  # not the block
         for shard in sorted({row // self._shard_rows for row in ids.tolist()}):
             if len(self._pending.get(shard, ())) == self._shard_size(shard):
                 self._flush(shard)

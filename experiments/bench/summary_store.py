@@ -21,10 +21,11 @@ scales a row) in each layout to a fresh local directory, then times random batch
 `bytes_per_row` is measured on disk (the row shards, index included, over the rows);
 `dense_bytes_per_row` is K*D. The default of 50k rows (436 MB) exceeds the store's 256 MB
 read cache, so cached chunks do not flatter the per-array layouts; the files themselves sit in
-the OS page cache, as the RAM ceiling does. The script uses only API that main also has for
-the per-array layouts, so the "before" figures come from running it on main with
-`--layouts=ocdbt`. Refresh (`refresh_bytes_fraction`) and serving (`serve`) are measured by
-the work that builds them; here they are null with a reason. Prints progress to stderr and
+the OS page cache, as the RAM ceiling does. The script uses only API that commits before the
+"rows" layout also have for the per-array layouts, so the "before" figures come from running
+it there with `--layouts=ocdbt` (results/summary_store_before_cpu.json). Refresh
+(`refresh_bytes_fraction`) and serving (`serve`) are measured by the work that builds them;
+here they are null with a reason. Prints progress to stderr and
 one JSON object as the last stdout line.
 """
 
