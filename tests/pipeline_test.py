@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from experiments.synthetic import config as synthetic_config
-from vista_jax import cache, pipeline
+from vista_jax import cache, checkpoints, pipeline
 from vista_jax.checkpoints import restore_module
 from vista_jax.config import from_config_dict
 from vista_jax.models.summarizer import Summarizer
@@ -85,3 +85,20 @@ def test_cache_holds_states_that_reproduce_the_summaries(tiny_run):
     states, _ = cache.read_states(store, rows, cfg.num_layers)
     cached = store.read(rows).summaries
     np.testing.assert_allclose(summarizer.readout(states), cached, atol=0.05)
+
+
+def test_cache_and_downstream_checkpoint_record_their_lineage(tiny_run):
+    """The cache names what built it; the downstream checkpoint names the cache it used."""
+    config, workdir, _ = tiny_run
+    typed = from_config_dict(config)
+    data = pipeline.load_data(typed, workdir)
+    store = cache.open_cache(workdir, typed.summarizer_for(data), data)
+    manifest = store.manifest
+    assert manifest["summarizer_checkpoint"] == str(workdir / "source")
+    assert manifest["summarizer_step"] == config.source.num_steps
+    assert manifest["data_fingerprint"] == data.fingerprint
+    assert manifest["present_rows"] == manifest["num_rows"] == data.num_rows
+    meta = checkpoints.read_meta(workdir / "downstream")
+    assert meta["cache_version"] == store.version
+    assert meta["cache_lineage"] == json.loads(json.dumps(store.lineage))
+    assert checkpoints.read_meta(workdir / "recent_only")["cache_version"] is None

@@ -112,6 +112,8 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
         num_rows=data.num_rows,
         config_hash=cache.cache_hash(scfg, data),
         summarizer_step=step,
+        summarizer_checkpoint=str(_dir(workdir, "source")),
+        data_fingerprint=data.fingerprint,
         quantization=config.cache.quantization,
         chunk_rows=config.cache.chunk_rows,
         coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"},
@@ -127,7 +129,7 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     out = {}
     for name in RANKERS:
         dim = store.d if name == "downstream" else 0
-        meta = {"cache_version": store.version if dim else None}
+        meta = cache.trained_on(store) if dim else {"cache_version": None}
         directory = _dir(workdir, name)
         cache.require_version(store, checkpoints.read_meta(directory).get("cache_version"), name)
         ds = inputs.train_examples(data, config.seed + 1).batch(config.downstream.batch_size)
