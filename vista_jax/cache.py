@@ -49,8 +49,12 @@ def open_cache(
 
 def trained_on(store: SummaryStore) -> dict:
     """What a downstream checkpoint records of the cache it trains on (its `meta` item):
-    the version, and the version's lineage (`SummaryStore.lineage`)."""
-    return {"cache_version": store.version, "cache_lineage": store.lineage}
+    the version, its config hash (serving checks it) and its lineage (`SummaryStore.lineage`)."""
+    return {
+        "cache_version": store.version,
+        "config_hash": store.manifest["config_hash"],
+        "cache_lineage": store.lineage,
+    }
 
 
 def require_version(store: SummaryStore, trained_on: str | None, model: str) -> None:

@@ -22,8 +22,8 @@ from vista_jax.data.datasets import SequenceData
 RETRIEVAL_KS = (10, 50, 200)
 
 
-def predict_batches(model: nnx.Module, batches: Iterable[dict], to_device=lambda b: b):
-    """Yields (host batch, logits as numpy) for every batch, with one jitted forward."""
+def jitted_forward(model: nnx.Module) -> Callable[[dict], jax.Array]:
+    """`batch -> logits` of `model`, jitted once (parameters are arguments, not constants)."""
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -31,8 +31,14 @@ def predict_batches(model: nnx.Module, batches: Iterable[dict], to_device=lambda
         logits, _ = nnx.merge(graphdef, params)(batch)
         return logits
 
+    return lambda batch: forward(params, batch)
+
+
+def predict_batches(model: nnx.Module, batches: Iterable[dict], to_device=lambda b: b):
+    """Yields (host batch, logits as numpy) for every batch, with one jitted forward."""
+    forward = jitted_forward(model)
     for batch in batches:
-        yield batch, np.asarray(forward(params, to_device(batch)))
+        yield batch, np.asarray(forward(to_device(batch)))
 
 
 def score(data: SequenceData, model, batches: Iterable[dict], prep: Callable) -> dict:

@@ -16,6 +16,7 @@ import pathlib
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,14 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
     return manifest
 
 
+def downstream_batches(config: ExperimentConfig, data, store=None) -> grain.MapDataset:
+    """The training batches of a cache-fed ranker: recent events, candidates, labels and the
+    cache row (plus its summary when `store` is given); never the raw long history."""
+    ds = inputs.train_examples(data, config.seed + 1, with_history=False)
+    ds = ds.batch(config.downstream.batch_size)
+    return ds.map(cache.with_summaries(store)) if store is not None else ds
+
+
 def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     """Downstream ranker from the cache alone, and the recent-only baseline."""
     store = cache.open_cache(workdir, config.summarizer_for(data), data)
@@ -129,22 +138,19 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     out = {}
     for name in RANKERS:
         dim = store.d if name == "downstream" else 0
-        meta = cache.trained_on(store) if dim else {"cache_version": None}
+        meta = cache.trained_on(store) if dim else {"cache_version": None, "config_hash": None}
         directory = _dir(workdir, name)
         cache.require_version(store, checkpoints.read_meta(directory).get("cache_version"), name)
-        ds = inputs.train_examples(data, config.seed + 1).batch(config.downstream.batch_size)
-        if dim:
-            ds = ds.map(cache.with_summaries(store))
         _, out[name] = fit(
             {"ranker": build_ranker(config, data, dim, config.seed)},
             make_loss_fn(data.spec.task),
-            iter(ds),
+            iter(downstream_batches(config, data, store if dim else None)),
             config.downstream,
             directory,
             mesh,
             rules,
             stage=f"train_{name}",
-            to_device=lambda b: inputs.model_inputs(b, drop_history=True),
+            to_device=inputs.model_inputs,
             meta=meta,
         )
     return out

@@ -23,15 +23,19 @@ def is_eval_user(user: int, data: SequenceData) -> bool:
     return user % data.config.eval_every == 0
 
 
-def train_examples(data: SequenceData, seed: int) -> grain.MapDataset:
-    """An endless shuffled stream of training examples (with sampled negatives/candidates)."""
+def train_examples(data: SequenceData, seed: int, with_history: bool = True) -> grain.MapDataset:
+    """An endless shuffled stream of training examples (with sampled negatives/candidates).
+
+    `with_history=False` is the cache-fed (downstream) stream: no example slices the
+    summarizer's window out of the record; otherwise the examples are the same, draw for draw.
+    """
     spec = data.spec
     if spec.task == "ranking":
         users = np.array([u for u in range(data.num_users) if not is_eval_user(u, data)])
         ds = grain.MapDataset.source(users).shuffle(seed=seed).repeat()
         return ds.random_map(
             lambda u, rng: ex.ranking_example(
-                data.source[int(u)], spec, int(u), data.item_category, rng
+                data.source[int(u)], spec, int(u), data.item_category, rng, with_history
             ),
             seed=seed,
         )
@@ -45,6 +49,7 @@ def train_examples(data: SequenceData, seed: int) -> grain.MapDataset:
             int(data.row_offsets[p[0]]),
             data.item_category,
             rng,
+            with_history,
         ),
         seed=seed,
     )
@@ -80,7 +85,7 @@ def batches(items: list, size: int) -> Iterator[dict[str, np.ndarray]]:
         yield ex.stack(items[i : i + size])
 
 
-def model_inputs(batch: dict, drop_history: bool) -> dict:
+def model_inputs(batch: dict, drop_history: bool = False) -> dict:
     """The keys a model reads; `drop_history` leaves out the raw history (cache-fed models)."""
     skip = ("hist_",) if drop_history else ()
     return {k: v for k, v in batch.items() if not k.startswith(skip) and k not in _HOST_ONLY}
