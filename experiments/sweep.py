@@ -301,13 +301,15 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str, title: str) -> None:
     x_key = rows[0]["x_key"]
     xs = sorted({row["x"] for row in rows})
     log_x = len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 10
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    color = {model: f"C{i % 10}" for i, model in enumerate(models)}  # One color per model.
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = ((metric, f"{metric} (mean ± std over seeds)", False),
               ("flops_per_request", "FLOPs per request", True),
               ("train_flops", "training FLOPs", True))  # fmt: skip
     for ax, (column, label, log_y) in zip(axes, panels, strict=True):
         for model, (x, mean, std) in series(rows, column).items():
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=model)
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=model, color=color[model])
         if column == "auc":
             oracle = series([dict(r, model="oracle") for r in rows], "oracle_auc")
             for x, mean, _ in oracle.values():
