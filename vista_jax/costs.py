@@ -69,8 +69,9 @@ def ranker_flops(cfg: RankerConfig, num_candidates: int, num_summary_tokens: int
 def full_target_attention_flops(length: int, cfg: RankerConfig, num_candidates: int) -> float:
     """FLOPs of `FullTargetAttentionRanker` (one layer) scoring one request over L raw events."""
     d, c = cfg.d_model, num_candidates
-    n = 1 + length  # the null key, then every history event
-    attend = 2 * c * d * d + 2 * n * d * d + 2 * c * n * d
+    # Queries and output C D^2 each; keys and values 2 L D^2 (the learned null key/value is
+    # not projected); scores and values over the null and the L events 2 C (L + 1) D.
+    attend = 2 * c * d * d + 2 * length * d * d + 2 * c * (length + 1) * d
     return 2.0 * (attend + _head_flops(cfg, c))
 
 
