@@ -50,7 +50,9 @@ def get_config(arg: str | None = None):
     return c
 
 
-# -- sweeps (python -m experiments.sweep; each accepts :seeds=N and :tiny) ----------------------
+# -- sweeps (python -m experiments.sweep) -------------------------------------------------------
+# Variants: `--sweep=NAME:seeds=N` (model seeds 0..N-1 per value), `:steps=N` (source-model
+# training steps per point), `:tiny` (a smoke-sized grid).
 HISTORY_LENGTHS = (1000, 3000, 10000, 30000, 100000)
 
 
@@ -58,7 +60,7 @@ def _history_len(opt):
     """VISTA vs recent-only as histories grow from 1k to 100k events per user.
 
     The long-range interests are sparse here (`dormant_weight=0.03`: ~1 event per dormant
-    topic per 200 early events), so the evidence for them grows with the history: a
+    topic per 100 early events), so the evidence for them grows with the history: a
     history-count predictor (per-topic log counts + recent counts, fitted per length) reaches
     AUC .713 / .742 / .775 / .806 / .820 at 1k / 3k / 10k / 30k / 100k events, while the
     recent-only oracle stays at .69 (400 users each, measured when this sweep was written).
@@ -73,7 +75,7 @@ def _history_len(opt):
             "data.num_users": 60 if opt.tiny else 2000,
             "summarizer.chunk_size": 64 if opt.tiny else (2048 if length >= 10000 else 256),
             "source.batch_size": 8 if opt.tiny else 16,
-            "source.num_steps": 2 if opt.tiny else 400,
+            "source.num_steps": 2 if opt.tiny else (opt.steps or 400),
             "downstream.num_steps": 2 if opt.tiny else 600,
             "eval.batch_size": 16 if opt.tiny else 32,
             "cache.batch_size": 16 if opt.tiny else 32,
@@ -86,7 +88,7 @@ def _history_len(opt):
 def _tiny_run(opt):
     """The shared overrides of the :tiny sweeps (a smoke test of the sweep machinery)."""
     if not opt.tiny:
-        return {}
+        return {"source.num_steps": opt.steps} if opt.steps else {}
     return {"data.num_users": 60, "data.history_len": 300, "data.history_window": 300,
             "summarizer.chunk_size": 64, "source.batch_size": 8, "source.num_steps": 2,
             "downstream.batch_size": 8, "downstream.num_steps": 2}  # fmt: skip
@@ -112,6 +114,6 @@ def _width(opt):
 
 
 def get_sweep(arg: str):
-    """The grid of `--sweep=NAME[:seeds=N,tiny]`: one override dict per (value, seed)."""
+    """The grid of `--sweep=NAME[:seeds=N,steps=N,tiny]`: one override dict per point."""
     sweeps = {"history_len": _history_len, "num_seeds": _num_seeds, "width": _width}
-    return common.pick_sweep(arg, sweeps, seeds=1, tiny=False)
+    return common.pick_sweep(arg, sweeps, seeds=1, steps=0, tiny=False)
