@@ -57,7 +57,7 @@ def test_grid_from_the_config_file():
     seeds = sweep.grid(module, "num_seeds:seeds=3")
     assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
     assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
-    assert points[0].overrides["source.num_steps"] == 400
+    assert points[0].overrides["source.num_steps"] == 1000
     longer = sweep.grid(module, "history_len:steps=1000")
     assert {p.overrides["source.num_steps"] for p in longer} == {1000}
 
