@@ -58,8 +58,9 @@ def test_grid_from_the_config_file():
     assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
     assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
     assert points[0].overrides["source.num_steps"] == 1000
-    longer = sweep.grid(module, "history_len:steps=1000")
-    assert {p.overrides["source.num_steps"] for p in longer} == {1000}
+    longer = sweep.grid(module, "history_len:steps=2000,max_len=10000")
+    assert {p.overrides["source.num_steps"] for p in longer} == {2000}
+    assert [p.x for p in longer] == [1000, 3000, 10000]
 
 
 def test_every_shipped_point_is_a_valid_config(tmp_path):

@@ -52,7 +52,8 @@ def get_config(arg: str | None = None):
 
 # -- sweeps (python -m experiments.sweep) -------------------------------------------------------
 # Variants: `--sweep=NAME:seeds=N` (model seeds 0..N-1 per value), `:steps=N` (source-model
-# training steps per point), `:tiny` (a smoke-sized grid).
+# training steps per point), `:max_len=N` (history_len: lengths up to N only), `:tiny` (a
+# smoke-sized grid).
 HISTORY_LENGTHS = (1000, 3000, 10000, 30000, 100000)
 
 
@@ -83,7 +84,7 @@ def _history_len(opt):
             "cache.batch_size": 16 if opt.tiny else 32,
         }
 
-    values = (300, 600) if opt.tiny else HISTORY_LENGTHS
+    values = (300, 600) if opt.tiny else [n for n in HISTORY_LENGTHS if n <= opt.max_len]
     return common.sweep_points("data.history_len", values, range(opt.seeds), derive)
 
 
@@ -116,6 +117,6 @@ def _width(opt):
 
 
 def get_sweep(arg: str):
-    """The grid of `--sweep=NAME[:seeds=N,steps=N,tiny]`: one override dict per point."""
+    """The grid of `--sweep=NAME[:seeds=N,steps=N,max_len=N,tiny]`: one dict per point."""
     sweeps = {"history_len": _history_len, "num_seeds": _num_seeds, "width": _width}
-    return common.pick_sweep(arg, sweeps, seeds=1, steps=0, tiny=False)
+    return common.pick_sweep(arg, sweeps, seeds=1, steps=0, max_len=HISTORY_LENGTHS[-1], tiny=False)
