@@ -18,29 +18,29 @@ from vista_jax.errors import ConfigError
 _TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _parse_value(key: str, value: str, default):
+def _parse_value(key: str, value: str, default, flag: str):
     if isinstance(default, bool):
         if value.lower() in _TRUE:
             return True
         if value.lower() in _FALSE:
             return False
         raise ConfigError(
-            f"config variant '{key}={value}': expected true or false. Fix: ':{key}=false'"
+            f"{flag} variant '{key}={value}': expected true or false. Fix: ':{key}=false'"
         )
     try:
         return type(default)(value)
     except ValueError:
         raise ConfigError(
-            f"config variant '{key}={value}': expected a {type(default).__name__}. "
+            f"{flag} variant '{key}={value}': expected a {type(default).__name__}. "
             f"Fix: ':{key}=<{type(default).__name__}>'"
         ) from None
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, _flag: str = "config", **defaults) -> ml_collections.ConfigDict:
     """The variant after ':' of --config=path:arg: `tiny`, `tiny=false`, `key=value,...`.
 
     An unknown variant is refused with the valid ones (a typo must not silently run the full
-    experiment).
+    experiment). `_flag` names the flag in messages (`--sweep=NAME:arg` parses the same way).
     """
     out = dict(defaults)
     for part in filter(None, (arg or "").split(",")):
@@ -49,11 +49,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             near = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(
-                f"unknown config variant '{key}' in ':{arg}'; {hint}valid variants: "
+                f"unknown {_flag} variant '{key}' in ':{arg}'; {hint}valid variants: "
                 + ", ".join(sorted(defaults))
-                + ". Fix: use one of them after the ':' of --config"
+                + f". Fix: use one of them after the ':' of --{_flag}"
             )
-        out[key] = _parse_value(key, value, defaults[key])
+        out[key] = _parse_value(key, value, defaults[key], _flag)
     return ml_collections.ConfigDict(out)
 
 
@@ -109,3 +109,32 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, split="test"))
     return c
+
+
+# -- sweeps (run by `python -m experiments.sweep`) ---------------------------------------------
+def sweep_points(x_key: str, values, seeds=(0,), derive=None) -> list[dict]:
+    """A one-axis grid: one override dict per (value, seed), values in the given order.
+
+    The first key of every point is the swept value (the x axis of the sweep's plot) and
+    `seed` the model seed (error bars are over seeds). `derive(value)` adds the keys that
+    follow from the value (e.g. the summary window from the history length), and the keys
+    every point shares.
+    """
+    return [
+        {x_key: value, "seed": seed, **(derive(value) if derive else {})}
+        for value in values
+        for seed in seeds
+    ]
+
+
+def pick_sweep(arg: str, sweeps: dict, **variant_defaults):
+    """`NAME[:variant]` -> sweeps[NAME](parsed variant); an unknown NAME lists the valid ones."""
+    name, _, variant = (arg or "").partition(":")
+    if name not in sweeps:
+        near = difflib.get_close_matches(name, list(sweeps), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(
+            f"unknown sweep '{name}'; {hint}valid sweeps: {', '.join(sorted(sweeps))}. "
+            "Fix: pass --sweep=<one of them>"
+        )
+    return sweeps[name](parse_arg(variant, _flag="sweep", **variant_defaults))

@@ -20,9 +20,9 @@ What is measured, for one user, and how:
   * incremental: 1k new events on a 1M history: `incremental.update` from the stored states
     (gap features computed against the last stored time, inside the timed call) against a
     from-scratch recompute over all 1M + 1k events; max abs difference of the summaries.
-  * FLOP/s: `summarizer_flops` counts only necessary multiply-adds (x2 FLOPs); a plain
-    f32 matmul of n x n (n=2048, 17 GFLOP, about the work of one 64k-event chunk scan
-    step batch) measured in the same run gives the machine's rate.
+  * FLOP/s: `vista_jax.costs.summarizer_flops` counts only necessary multiply-adds (x2
+    FLOPs); a plain f32 matmul of n x n (n=2048, 17 GFLOP, about the work of one 64k-event
+    chunk scan step batch) measured in the same run gives the machine's rate.
   * softmax vs QLA: the same summarizer with attention="softmax" at 16k events.
 """
 
@@ -49,8 +49,9 @@ from flax import nnx  # noqa: E402
 
 from vista_jax import cache  # noqa: E402
 from vista_jax.config import RankerConfig, SummarizerConfig  # noqa: E402
+from vista_jax.costs import summarizer_flops  # noqa: E402
 from vista_jax.data.features import gap_buckets  # noqa: E402
-from vista_jax.models import incremental, qla  # noqa: E402
+from vista_jax.models import incremental  # noqa: E402
 from vista_jax.models.ranker import Ranker  # noqa: E402
 from vista_jax.models.summarizer import Summarizer  # noqa: E402
 from vista_jax.models.target_attention import FullTargetAttentionRanker  # noqa: E402
@@ -141,31 +142,6 @@ def summarize_fn(model: Summarizer):
 
 def block(x):
     return jax.block_until_ready(x)
-
-
-# ------------------------------------------------------------------------------ FLOP counts
-
-
-def summarizer_flops(length: int, cfg: SummarizerConfig) -> float:
-    """Necessary FLOPs (2 per multiply-add) of the chunked summarizer over `length` events.
-
-    Per event in each of the first N-1 layers: q/k/v/out projections 4 D^2; SGLU 3 D F;
-    state update k v^T and inter-block readout q S, D E each; causal attention inside a
-    block of T = min(chunk, qla.INTRA_BLOCK) events over on average (T+1)/2 keys, scores and
-    values, (T+1) D. The last
-    layer's history outputs are never read: k/v projections 2 D^2 and the state update D E.
-    Seeds: K rows through every layer (projections, SGLU, readout q phi(S) D E) — constant.
-    Not counted: norms, SiLU, embedding gathers, the padding and upper triangle the
-    implementation also computes.
-    """
-    d, f, n_layers = cfg.d_model, cfg.sglu_hidden, cfg.num_layers
-    t = min(cfg.chunk_size, qla.INTRA_BLOCK)  # causal block length inside a chunk step
-    e = d // cfg.num_heads
-    full_layer = 4 * d * d + 3 * d * f + 2 * d * e + (t + 1) * d
-    last_layer = 2 * d * d + d * e
-    per_event = (n_layers - 1) * full_layer + last_layer
-    seeds = cfg.num_seeds * n_layers * (4 * d * d + 3 * d * f + d * e + d)
-    return 2.0 * (length * per_event + seeds)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -1,0 +1,182 @@
+"""experiments.sweep: grids from the config file, resume/skip, the table and the plot.
+
+The pipeline itself is replaced by a fake stage runner that records what it was asked to run
+and writes what the real stages write (stages.json, results.json), so these tests take
+seconds; the real pipeline's own resume is tested in pipeline_test.py.
+"""
+
+import csv
+import json
+import pathlib
+
+import pytest
+
+from experiments import common, sweep
+from experiments.synthetic import config as synthetic_config
+from vista_jax import evaluation, pipeline
+from vista_jax.errors import ConfigError, WorkdirError
+
+CONFIG = "experiments/synthetic/config.py:tiny"
+SWEEP = "history_len:tiny,seeds=2"
+
+
+class FakeStages:
+    """Stands in for pipeline.train_and_evaluate: records calls, writes the stage outputs."""
+
+    def __init__(self, fail_at: str | None = None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, config, run_dir, mode):
+        run_dir = pathlib.Path(run_dir)
+        self.calls.append((run_dir.name, mode))
+        for stage in pipeline.STAGES if mode == "all" else [mode]:
+            if stage == self.fail_at:
+                raise KeyboardInterrupt(f"killed in {stage}")  # A kill mid-point.
+            path = run_dir / pipeline.STAGES_FILE
+            stages = evaluation.read_json(path) if path.exists() else {}
+            evaluation.write_json(path, stages | {stage: {"wall_s": 1.0, "finished": "now"}})
+        if mode in ("all", "evaluate"):
+            length = config.data.history_window
+            auc = {"vista_downstream": 0.7 + length / 1e4 + config.seed / 100, "recent_only": 0.6}
+            models = {m: {"auc": a, "logloss": 0.5, "ne": 0.9} for m, a in auc.items()}
+            evaluation.write_json(run_dir / "results.json", {"models": models, "oracle_auc": 0.83})
+
+
+def _run(workdir, fake, **kw):
+    return sweep.run_sweep(CONFIG, SWEEP, workdir, run_stage=fake, **kw)
+
+
+def test_grid_from_the_config_file():
+    module, variant = sweep.load_experiment("experiments/synthetic/config.py:tiny")
+    assert variant == "tiny"
+    points = sweep.grid(module, "history_len")
+    assert [p.x for p in points] == list(synthetic_config.HISTORY_LENGTHS)
+    assert {p.seed for p in points} == {0} and points[0].x_key == "data.history_len"
+    assert points[-1].name == "history_len=100000-seed=0"
+    assert points[-1].overrides["data.history_window"] == 100000
+    seeds = sweep.grid(module, "num_seeds:seeds=3")
+    assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
+    assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
+    assert points[0].overrides["source.num_steps"] == 1000
+    longer = sweep.grid(module, "history_len:steps=2000,max_len=10000")
+    assert {p.overrides["source.num_steps"] for p in longer} == {2000}
+    assert [p.x for p in longer] == [1000, 3000, 10000]
+
+
+def test_every_shipped_point_is_a_valid_config(tmp_path):
+    module, _ = sweep.load_experiment("experiments/synthetic/config.py")
+    base = module.get_config(None)
+    for name in ("history_len", "num_seeds", "width"):
+        for point in sweep.grid(module, name):
+            typed = sweep.point_config(base, point, tmp_path)
+            assert typed.seed == point.seed
+            assert typed.data.data_dir == str(tmp_path.absolute() / "data")  # Shared data.
+    width = sweep.grid(module, "width")[-1]
+    assert sweep.point_config(base, width, tmp_path).ranker.d_model == 128
+
+
+def test_unknown_sweep_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="did you mean 'history_len'.*history_len, num_seeds"):
+        synthetic_config.get_sweep("history_length")
+    with pytest.raises(ConfigError, match="valid sweeps: history_len, num_seeds, width"):
+        synthetic_config.get_sweep("depth")
+    with pytest.raises(ConfigError, match="unknown sweep variant 'seed'.*--sweep"):
+        synthetic_config.get_sweep("width:seed=2")
+
+
+def test_bad_override_key_is_refused_before_anything_runs(tmp_path):
+    config = tmp_path / "config.py"
+    config.write_text(
+        "from experiments.synthetic.config import get_config  # noqa: F401\n"
+        "def get_sweep(arg):\n"
+        "    return [{'summarizer.num_seeds': 4, 'seed': 0},\n"
+        "            {'summarizer.num_seed': 8, 'seed': 0}]\n"
+    )
+    fake = FakeStages()
+    with pytest.raises(ConfigError, match="num_seed=8.*did you mean 'summarizer.num_seeds'"):
+        sweep.run_sweep(str(config), "x", tmp_path / "w", run_stage=fake)
+    assert fake.calls == [] and not (tmp_path / "w").exists()
+
+
+def test_config_without_sweeps_and_unknown_point_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="defines no get_sweep"):
+        sweep.load_experiment("experiments/eventlog/config.py")
+    with pytest.raises(ConfigError, match="--only names no point.*history_len=300-seed=0"):
+        _run(tmp_path, FakeStages(), only=["history_len=42-seed=0"])
+
+
+def test_points_tables_and_plot_are_written(tmp_path):
+    fake = FakeStages()
+    out = _run(tmp_path, fake)
+    names = ["history_len=300-seed=0", "history_len=300-seed=1",
+             "history_len=600-seed=0", "history_len=600-seed=1"]  # fmt: skip
+    assert fake.calls == [(n, "all") for n in names]
+    assert sorted(p.stem for p in (tmp_path / "points").glob("*.json")) == sorted(names)
+    record = json.loads((tmp_path / "points" / f"{names[2]}.json").read_text())
+    assert record["x"] == 600 and record["seed"] == 0
+    # FLOPs: the summarizer grows with the history; the cache-fed ranker does not.
+    small = json.loads((tmp_path / "points" / f"{names[0]}.json").read_text())
+    assert record["flops_per_request"]["summarizer"] > small["flops_per_request"]["summarizer"]
+    assert (record["flops_per_request"]["vista_downstream"]
+            == small["flops_per_request"]["vista_downstream"])  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert out["rows"] == len(rows)
+    vista = [r for r in rows if r["model"] == "vista_downstream"]
+    assert len(vista) == 4 and {r["x"] for r in vista} == {"300", "600"}
+    cost_only = [r for r in rows if r["model"] == "full_target_attention"]
+    assert len(cost_only) == 4 and all(r["auc"] == "" for r in cost_only)
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_series_mean_and_std_over_seeds():
+    rows = [{"model": "m", "x": 1, "auc": 0.6}, {"model": "m", "x": 1, "auc": 0.8},
+            {"model": "m", "x": 2, "auc": 0.9}, {"model": "n", "x": 1, "auc": None}]  # fmt: skip
+    xs, mean, std = sweep.series(rows, "auc")["m"]
+    assert xs == [1, 2] and mean == pytest.approx([0.7, 0.9]) and std == pytest.approx([0.1, 0])
+    assert "n" not in sweep.series(rows, "auc")
+
+
+def test_finished_points_are_skipped(tmp_path):
+    _run(tmp_path, FakeStages())
+    again = FakeStages()
+    _run(tmp_path, again)
+    assert again.calls == []
+
+
+def test_killed_point_resumes_at_its_first_unfinished_stage(tmp_path):
+    killed = FakeStages(fail_at="train_ranker")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, killed)
+    assert killed.calls == [("history_len=300-seed=0", "all")]
+    assert not (tmp_path / "points").exists()  # Nothing half-finished is published.
+    resumed = FakeStages()
+    _run(tmp_path, resumed)
+    assert resumed.calls[:2] == [("history_len=300-seed=0", "train_ranker"),
+                                 ("history_len=300-seed=0", "evaluate")]  # fmt: skip
+    assert resumed.calls[2:] == [(n, "all") for n in ("history_len=300-seed=1",
+                                 "history_len=600-seed=0", "history_len=600-seed=1")]  # fmt: skip
+
+
+def test_remaining_stages(tmp_path):
+    assert sweep.remaining_stages(tmp_path) == list(pipeline.STAGES)
+    stages = {"train_source": {}, "train_ranker": {}}  # build_cache missing: redo from there
+    evaluation.write_json(tmp_path / pipeline.STAGES_FILE, stages)
+    assert sweep.remaining_stages(tmp_path) == ["build_cache", "train_ranker", "evaluate"]
+    evaluation.write_json(tmp_path / pipeline.STAGES_FILE, dict.fromkeys(pipeline.STAGES, {}))
+    assert sweep.remaining_stages(tmp_path) == ["evaluate"]
+
+
+def test_a_changed_grid_is_not_mixed_into_old_points(tmp_path):
+    _run(tmp_path, FakeStages(), only=["history_len=300-seed=0"])
+    record = tmp_path / "points" / "history_len=300-seed=0.json"
+    data = json.loads(record.read_text())
+    data["overrides"]["source.num_steps"] = 999
+    record.write_text(json.dumps(data))
+    with pytest.raises(WorkdirError, match="new --workdir"):
+        _run(tmp_path, FakeStages())
+
+
+def test_sweep_points_order_and_derived_keys():
+    points = common.sweep_points("a.b", [1, 2], seeds=(0, 1), derive=lambda v: {"c": v * 10})
+    assert points[0] == {"a.b": 1, "seed": 0, "c": 10}
+    assert [(p["a.b"], p["seed"]) for p in points] == [(1, 0), (1, 1), (2, 0), (2, 1)]
