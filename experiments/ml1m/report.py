@@ -35,6 +35,8 @@ def setting(run: dict) -> str:
         name += f" R={cfg['num_recent']}"
     if cfg.get("prefix_len"):
         name += f" +lifelong prefix {cfg['prefix_len']}"
+    if (run.get("summary_cache") or {}).get("read_from"):
+        name += " downstream (reads the int8 cache)"
     if cfg.get("train_on_valid"):
         name += " (trains on valid item)"
     return name
