@@ -144,12 +144,12 @@ def event_ranking(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.Co
     c.baselines.update(models="full_attention,sim_hard,twin", top_k=64, chunk_size=256)
     c.eval.update(split="test", batch_size=256)
     if tiny:  # Smoke run: a few minutes on 2 CPU cores for a 100k-event log.
-        c.data.update(history_window=64, num_recent=16, snapshot_every=16, max_eval_users=100)
+        c.data.update(history_window=64, num_recent=16, snapshot_every=16, max_eval_users=50)
         c.summarizer.update(d_model=16, num_seeds=4, chunk_size=32)
         c.ranker.update(d_model=16, mlp_hidden=32)
-        c.source = training(batch_size=64, num_steps=200, learning_rate=3e-3)
-        c.downstream = training(batch_size=64, num_steps=200, learning_rate=3e-3)
-        c.early_stopping.update(eval_every=40, patience=2, max_requests=1000)
+        c.source = training(batch_size=64, num_steps=120, learning_rate=3e-3)
+        c.downstream = training(batch_size=64, num_steps=120, learning_rate=3e-3)
+        c.early_stopping.update(eval_every=30, patience=2, max_requests=500)
         c.baselines.update(top_k=16, chunk_size=32)
         c.eval.batch_size = 128
         c.cache.batch_size = 256
