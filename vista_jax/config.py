@@ -410,6 +410,12 @@ def from_config_dict(config) -> ExperimentConfig:
             "train_sequential.py). Fix: set --config.data.task=ranking, or "
             "--config.early_stopping.eval_every=0 and --config.baselines.models=''"
         )
+    if cfg.data.kind == "synthetic" and cfg.early_stopping.enabled and cfg.data.eval_every < 3:
+        raise ConfigError(
+            f"config key 'data.eval_every' ({cfg.data.eval_every}) must be >= 3 with early "
+            "stopping on synthetic data: users u % eval_every == 0 are test, == 1 validation, "
+            "the rest train. Fix: --config.data.eval_every=5"
+        )
     if cfg.cache.quantization not in QUANTIZATIONS:
         raise ConfigError(_choice("cache.quantization", cfg.cache.quantization, QUANTIZATIONS))
     if cfg.eval.split not in EVAL_SPLITS:

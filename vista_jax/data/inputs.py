@@ -25,6 +25,13 @@ def is_eval_user(user: int, data: SequenceData, split: str = "test") -> bool:
     return user % data.config.eval_every == (1 if split == "valid" else 0)
 
 
+def _train_users(data: SequenceData, hold_out_valid: bool) -> np.ndarray:
+    """Synthetic ranking: the users trained on (neither test nor, if asked, validation)."""
+    held = ("test", "valid") if hold_out_valid else ("test",)
+    users = range(data.num_users)
+    return np.array([u for u in users if not any(is_eval_user(u, data, s) for s in held)])
+
+
 def _spec(data: SequenceData, live: bool) -> ex.ExampleSpec:
     return dataclasses.replace(data.spec, live=True) if live else data.spec
 
@@ -44,12 +51,7 @@ def train_examples(
         ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat()
         return ds.map(lambda p: _event_example(data, spec, p))
     if spec.task == "ranking":
-        held = ("test", "valid") if hold_out_valid else ("test",)
-        users = [
-            u for u in range(data.num_users) if not any(is_eval_user(u, data, s) for s in held)
-        ]
-        users = np.array(users)
-        ds = grain.MapDataset.source(users).shuffle(seed=seed).repeat()
+        ds = grain.MapDataset.source(_train_users(data, hold_out_valid)).shuffle(seed=seed).repeat()
         return ds.random_map(
             lambda u, rng: ex.ranking_example(
                 data.source[int(u)], spec, int(u), data.item_category, rng
@@ -82,8 +84,7 @@ def num_train_requests(data: SequenceData, hold_out_valid: bool = False) -> int:
     if data.spec.requests == "every_event":
         return len(ex.event_requests(data.lengths, data.split_bounds, "train"))
     if data.spec.task == "ranking":
-        held = ("test", "valid") if hold_out_valid else ("test",)
-        return sum(not any(is_eval_user(u, data, s) for s in held) for u in range(data.num_users))
+        return len(_train_users(data, hold_out_valid))
     return len(ex.retrieval_requests(data.lengths, "train"))
 
 
