@@ -98,3 +98,50 @@ def test_ranking_example_samples_candidates_only_when_training():
     assert len(full["cand_item"]) == 16 and full["snapshot"] == 46 and full["hist_len"] == 46
     sampled = ex.ranking_example(record, spec, 0, ITEM_CATEGORY, np.random.default_rng(0))
     assert len(set(sampled["cand_item"].tolist())) == 5
+
+
+def test_window_gaps_equal_the_users_gaps_sliced():
+    record = _record(n=40)
+    full = ex.user_gaps(record, 8)  # Few buckets: clipping is exercised too.
+    for start, end in [(0, 0), (0, 5), (1, 9), (17, 40), (39, 40), (40, 40)]:
+        np.testing.assert_array_equal(ex.window_gaps(record, start, end, 8), full[start:end])
+
+
+def test_recent_arrays_need_only_the_last_r_plus_one_events():
+    record = _record(n=30)
+    for t in (0, 2, 4, 5, 30):
+        tail = {k: v[max(0, t - SPEC.num_recent - 1) : t] for k, v in record.items() if k != "user"}
+        full, short = (
+            ex.recent_arrays(record, t, SPEC),
+            ex.recent_arrays(tail, len(tail["item"]), SPEC),
+        )
+        for key, value in full.items():
+            np.testing.assert_array_equal(short[key], value, err_msg=key)
+
+
+def test_examples_without_history_are_the_same_examples_minus_the_window():
+    record = _record() | {
+        "cand_item": np.arange(1, 17, dtype=np.int32),
+        "cand_label": np.ones(16, np.float32),
+    }
+    ranking = ex.ExampleSpec(task="ranking", history_window=20, num_recent=4, train_candidates=5)
+
+    events = ex.dataclasses.replace(ranking, requests="every_event", snapshot_every=8)
+    labelled = record | {"label": np.ones(len(record["item"]), np.float32)}
+
+    def examples(with_history):  # Same seeds: the same sampled candidates and negatives.
+        rng = np.random.default_rng
+        return [
+            ex.ranking_example(record, ranking, 0, ITEM_CATEGORY, rng(1), with_history),
+            ex.retrieval_example(record, SPEC, 7, 3, ITEM_CATEGORY, rng(2), with_history),
+            ex.event_example(labelled, events, 29, 5, ITEM_CATEGORY, with_history),
+        ]
+
+    for full, cache_fed in zip(examples(True), examples(False), strict=True):
+        expected = {k: v for k, v in full.items() if not k.startswith("hist_")}
+        assert cache_fed.keys() == expected.keys() and len(expected) < len(full)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(cache_fed[key], value, err_msg=key)
+    # Only evaluation requests carry the protocol's history window (for exclusion).
+    assert "seen_item" in ex.retrieval_example(record, SPEC, 7, 3, ITEM_CATEGORY, None, False)
+    assert "seen_item" not in examples(True)[1]

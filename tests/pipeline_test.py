@@ -1,33 +1,19 @@
-"""A tiny end-to-end pipeline run: every stage, resume, and stage isolation."""
+"""A tiny end-to-end pipeline run (`tiny_run` in conftest): every stage, resume, and stage
+isolation."""
 
+import itertools
 import json
-import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.synthetic import config as synthetic_config
-from vista_jax import cache, pipeline
+from vista_jax import cache, checkpoints, pipeline
 from vista_jax.checkpoints import restore_module
 from vista_jax.config import from_config_dict
+from vista_jax.data import inputs
 from vista_jax.models.summarizer import Summarizer
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("vista")
-    config = synthetic_config.get_config("tiny")
-    config.data.data_dir = str(tmp_path_factory.mktemp("data"))
-    for mode in ("train_source", "build_cache"):
-        pipeline.train_and_evaluate(config, workdir, mode)
-    # Stage isolation: the downstream ranker trains from the cache with the source model gone.
-    shutil.move(workdir / "source", workdir / "source.hidden")
-    pipeline.train_and_evaluate(config, workdir, "train_ranker")
-    shutil.move(workdir / "source.hidden", workdir / "source")
-    results = pipeline.train_and_evaluate(config, workdir, "evaluate")
-    return config, workdir, results
 
 
 def test_results_json_has_every_model(tiny_run):
@@ -85,3 +71,41 @@ def test_cache_holds_states_that_reproduce_the_summaries(tiny_run):
     states, _ = cache.read_states(store, rows, cfg.num_layers)
     cached = store.read(rows).summaries
     np.testing.assert_allclose(summarizer.readout(states), cached, atol=0.05)
+
+
+def test_cache_and_downstream_checkpoint_record_their_lineage(tiny_run):
+    """The cache names what built it; the downstream checkpoint names the cache it used."""
+    config, workdir, _ = tiny_run
+    typed = from_config_dict(config)
+    data = pipeline.load_data(typed, workdir)
+    store = cache.open_cache(workdir, typed.summarizer_for(data), data)
+    manifest = store.manifest
+    assert manifest["summarizer_checkpoint"] == str(workdir / "source")
+    assert manifest["summarizer_step"] == config.source.num_steps
+    assert manifest["data_fingerprint"] == data.fingerprint
+    assert manifest["present_rows"] == manifest["num_rows"] == data.num_rows
+    meta = checkpoints.read_meta(workdir / "downstream")
+    assert meta["cache_version"] == store.version
+    assert meta["config_hash"] == manifest["config_hash"]
+    assert meta["cache_lineage"] == json.loads(json.dumps(store.lineage))
+    assert checkpoints.read_meta(workdir / "recent_only")["cache_version"] is None
+
+
+def test_downstream_batches_carry_no_long_history_and_train_on_the_same_inputs(tiny_run):
+    config, workdir, _ = tiny_run
+    typed = from_config_dict(config)
+    data = pipeline.load_data(typed, workdir)
+    store = cache.open_cache(workdir, typed.summarizer_for(data), data)
+    cache_fed = iter(pipeline.downstream_batches(typed, data, store))
+    # What the downstream ranker trained on before its examples dropped the window: the
+    # same stream with the summarizer's input, dropped on the way to the device.
+    before = inputs.train_examples(
+        data, typed.seed + 1, hold_out_valid=typed.early_stopping.enabled
+    ).batch(typed.downstream.batch_size)
+    for old in itertools.islice(iter(before), 3):
+        new = next(cache_fed)
+        assert not [k for k in new if k.startswith("hist_")] and new["summary_mask"].all()
+        old = inputs.model_inputs(cache.with_summaries(store)(old), drop_history=True)
+        assert inputs.model_inputs(new).keys() == old.keys()
+        for key, value in old.items():
+            np.testing.assert_array_equal(new[key], value, err_msg=key)

@@ -9,6 +9,7 @@ import tensorstore as ts
 
 from vista_jax.errors import UserError
 from vista_jax.store import (
+    NO_EVENTS,
     RowBlock,
     SummaryStore,
     SummaryStoreError,
@@ -232,7 +233,7 @@ def test_user_keyed_format_1_manifest_is_refused(memory_root):
     old |= {"format_version": 1, "num_users": R, "chunk_users": 64}
     kvstore = ts.KvStore.open(root, context=context).result()
     kvstore.write("versions/v1/manifest.json", json.dumps(old).encode()).result()
-    with pytest.raises(SummaryStoreError, match=r"format_version 1, this reader reads 2 or 3\)"):
+    with pytest.raises(SummaryStoreError, match=r"format_version 1, this reader reads 2, 3, 4\)"):
         SummaryStore.open(root, context=context)
 
 
@@ -297,3 +298,44 @@ def test_new_version_becomes_current_only_when_published(memory_root):
     assert SummaryStore.open(root, context=context).version == "v1"
     with pytest.raises(SummaryStoreError, match="not published"):
         SummaryStore.set_current(root, "v3", context=context)
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def test_manifest_names_the_lineage_of_its_rows(memory_root):
+    root, context = memory_root
+    written = np.arange(0, R, 3)  # a third of the rows: present_rows counts them
+    x = _summaries(num_rows=len(written))
+    stamps = 1_000 + written * 10
+    manifest = _write(
+        root, summaries=x, row_ids=written, num_rows=R, coverage=written, event_time=stamps,
+        summarizer_checkpoint="/runs/a/source", data_fingerprint="syn-1234",
+        watermark=5_000, context=context,
+    )  # fmt: skip
+    lineage = SummaryStore.open(root, context=context).lineage
+    expected = {
+        "version": "v1", "summarizer_checkpoint": "/runs/a/source", "summarizer_step": 7,
+        "config_hash": "cfg-a", "data_fingerprint": "syn-1234", "k": K, "d": D,
+        "quantization": "int8", "num_rows": R, "present_rows": len(written),
+        "bytes_per_row": K * D + 4 * K + 17, "watermark": 5_000,
+    }  # fmt: skip
+    assert {key: lineage[key] for key in expected} == expected
+    assert {key: manifest[key] for key in expected} == expected
+    assert lineage["content_hash"] == manifest["content_hash"]
+
+
+def test_watermark_defaults_to_the_newest_covered_event_and_bounds_every_row(memory_root):
+    root, context = memory_root
+    stamps = np.arange(R) * 10
+    stamps[4] = NO_EVENTS  # a row covering no event does not move the watermark
+    _write(root, event_time=stamps, context=context)
+    assert SummaryStore.open(root, context=context).watermark == (R - 1) * 10
+    with pytest.raises(ValueError, match="after the watermark"):
+        _write(root, version="v2", event_time=stamps, watermark=100, context=context)
+
+
+def test_bytes_per_row_of_the_per_array_layouts(memory_root):
+    root, context = memory_root
+    manifest = _write(root, layout="plain", quantization="bf16", context=context)
+    assert manifest["bytes_per_row"] == K * D * 2 + 1 + 8 + 8  # no scale for bf16

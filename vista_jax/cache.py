@@ -13,6 +13,7 @@ import itertools
 import pathlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import tqdm
@@ -22,7 +23,8 @@ from vista_jax.data import examples as ex
 from vista_jax.data.datasets import SequenceData
 from vista_jax.fingerprints import config_hash
 from vista_jax.models import qla
-from vista_jax.store import RowBlock, SummaryStore, SummaryStoreError
+from vista_jax.quantize import decode
+from vista_jax.store import NO_EVENTS, UNKNOWN_TIME, RowBlock, SummaryStore, SummaryStoreError
 
 LAST_TIME = "last_time"  # Extra array [rows] int64: time of the last covered event.
 
@@ -43,6 +45,16 @@ def open_cache(
     return SummaryStore.open(
         cache_root(workdir), expected_config_hash=cache_hash(scfg, data), version=version
     )
+
+
+def trained_on(store: SummaryStore) -> dict:
+    """What a downstream checkpoint records of the cache it trains on (its `meta` item):
+    the version, its config hash (serving checks it) and its lineage (`SummaryStore.lineage`)."""
+    return {
+        "cache_version": store.version,
+        "config_hash": store.manifest["config_hash"],
+        "cache_lineage": store.lineage,
+    }
 
 
 def require_version(store: SummaryStore, trained_on: str | None, model: str) -> None:
@@ -70,6 +82,54 @@ def with_summaries(store: SummaryStore) -> Callable[[dict], dict]:
     return add
 
 
+# -- point in time by event time --------------------------------------------------------------
+EVENT_FIELDS = ("item", "action", "time", "category")
+
+
+class AsOf(NamedTuple):
+    """What a request at time t may know of a user: a cached snapshot, then raw events."""
+
+    row: int  # the snapshot's cache row; -1 when no stored row covers only events before t
+    summary: np.ndarray  # [K, D] float32 (zeros when row is -1)
+    covered: int  # the snapshot covers the user's first `covered` events (0 when row is -1)
+    event_time: int  # time of the last event it covers (NO_EVENTS: none)
+    since: dict[str, np.ndarray]  # EVENT_FIELDS of events [covered, first at or after t)
+
+
+def as_of(store: SummaryStore, data: SequenceData, user: int, t: int) -> AsOf:
+    """The newest snapshot of `user` covering only events before time `t` (its event_time
+    stamp < t), plus the user's events since it that are still before t.
+
+    Events at time t itself are never seen: a request at t must not see its own label, nor
+    events tied with it. Refuses a version whose rows carry no event time (format < 4).
+    """
+    rows = np.arange(data.row_offsets[user], data.row_offsets[user + 1])
+    stored = store.read_quantized(rows)
+    if np.any(stored.event_time[stored.present] == UNKNOWN_TIME):
+        raise SummaryStoreError(
+            f"cache version {store.version!r} has rows without an event-time stamp (built "
+            "before stamps, or by a writer that gave none), so it cannot answer as-of reads. "
+            "Fix: rebuild the cache (--mode=build_cache)"
+        )
+    record = data.source[user]
+    before = int(np.searchsorted(record["time"], t, side="left"))  # events with time < t
+    usable = np.flatnonzero(stored.present & (stored.event_time < t))
+    j = usable[np.argmax(stored.coverage[usable])] if len(usable) else None
+    covered = int(stored.coverage[j]) if j is not None else 0
+    if covered > before:
+        raise SummaryStoreError(
+            f"cache row {int(rows[j])} of user {user} covers {covered} events, but only "
+            f"{before} are before its stamp: the cache indexes other data. Fix: rebuild it "
+            "(--mode=build_cache)"
+        )
+    since = {f: np.asarray(record[f])[covered:before] for f in EVENT_FIELDS}
+    if j is None:
+        return AsOf(-1, np.zeros((store.k, store.d), np.float32), 0, NO_EVENTS, since)
+    scale = None if stored.scale is None else stored.scale[j]
+    summary = decode(stored.values[j], scale)
+    return AsOf(int(rows[j]), summary, covered, int(stored.event_time[j]), since)
+
+
 # -- building rows ----------------------------------------------------------------------------
 def keeps_states(data: SequenceData) -> bool:
     """States extend exactly only if the summary window holds the whole prefix (synthetic);
@@ -91,6 +151,12 @@ def snapshot_rows(data: SequenceData) -> Iterator[tuple[int, int, int, dict]]:
                 last_time,
                 ex.history_arrays(record, gaps, s, data.spec),
             )
+
+
+def row_event_times(last_time, coverage) -> np.ndarray:
+    """The store's event_time stamp of rows: their last covered event's time, NO_EVENTS for
+    a row covering none."""
+    return np.where(np.asarray(coverage) > 0, np.asarray(last_time, np.int64), NO_EVENTS)
 
 
 def row_blocks(data: SequenceData, summarize: Callable, batch_size: int) -> Iterator[RowBlock]:
@@ -115,7 +181,11 @@ def row_blocks(data: SequenceData, summarize: Callable, batch_size: int) -> Iter
                 extras[LAST_TIME] = np.array(last_time, np.int64)
             bar.update(n)
             yield RowBlock(
-                np.array(row_ids), np.asarray(summary)[:n], np.array(coverage, np.int64), extras
+                np.array(row_ids),
+                np.asarray(summary)[:n],
+                np.array(coverage, np.int64),
+                extras,
+                row_event_times(last_time, coverage),
             )
 
 

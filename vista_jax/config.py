@@ -128,7 +128,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     quantization: str  # int8 | bf16 | none
-    chunk_rows: int  # Rows per storage chunk.
+    chunk_rows: int  # Rows per shard (store layout "rows"; per chunk in the others).
     batch_size: int  # Rows summarized per device call.
 
 

@@ -1,4 +1,5 @@
-"""Errors a user can cause and fix: bad data, flags, config, cache or checkpoint.
+"""Errors a user can cause and fix: bad data, flags, config, cache, checkpoint
+or serving request.
 
 Every such error derives from `UserError`. `run.py` prints a `UserError` as one line (what was
 wrong, where, and what to do) and exits with status 2; anything else is a bug and keeps its
@@ -20,6 +21,10 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError):
     """A missing, corrupt or mismatched checkpoint (names the directory, step or field)."""
+
+
+class RequestError(UserError, ValueError):
+    """A serving request that cannot be scored: unknown user, item out of range, bad shape."""
 
 
 class WorkdirError(UserError):

@@ -31,11 +31,18 @@ def _forward(graphdef, params, batch):
     return logits
 
 
+def jitted_forward(model: nnx.Module) -> Callable[[dict], jax.Array]:
+    """`batch -> logits` of `model`, jitted (parameters are arguments, not constants; the
+    compile is shared by every model of the same structure and batch shape)."""
+    graphdef, params = nnx.split(model)
+    return lambda batch: _forward(graphdef, params, batch)
+
+
 def predict_batches(model: nnx.Module, batches: Iterable[dict], to_device=lambda b: b):
     """Yields (host batch, logits as numpy) for every batch, with one jitted forward."""
-    graphdef, params = nnx.split(model)
+    forward = jitted_forward(model)
     for batch in batches:
-        yield batch, np.asarray(_forward(graphdef, params, to_device(batch)))
+        yield batch, np.asarray(forward(to_device(batch)))
 
 
 def score(data: SequenceData, model, batches: Iterable[dict], prep: Callable) -> dict:

@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,12 +173,24 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
         num_rows=data.num_rows,
         config_hash=cache.cache_hash(scfg, data),
         summarizer_step=step,
+        summarizer_checkpoint=str(source_dir),  # best/ when early stopping selected it.
+        data_fingerprint=data.fingerprint,
         quantization=config.cache.quantization,
         chunk_rows=config.cache.chunk_rows,
         coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"},
     )
     _log(f"[build_cache] published {version}: {data.num_rows} rows")
     return manifest
+
+
+def downstream_batches(config: ExperimentConfig, data, store=None) -> grain.MapDataset:
+    """The training batches of a cache-fed ranker: recent events, candidates, labels and the
+    cache row (plus its summary when `store` is given); never the raw long history. With
+    early stopping, the validation requests are held out as for every other model."""
+    hold_out = config.early_stopping.enabled
+    ds = inputs.train_examples(data, config.seed + 1, with_history=False, hold_out_valid=hold_out)
+    ds = ds.batch(config.downstream.batch_size)
+    return ds.map(cache.with_summaries(store)) if store is not None else ds
 
 
 def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
@@ -189,13 +202,9 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     out = {}
     for name in RANKERS:
         dim = store.d if name == "downstream" else 0
-        meta = {"cache_version": store.version if dim else None}
+        meta = cache.trained_on(store) if dim else {"cache_version": None, "config_hash": None}
         directory = _dir(workdir, name)
         cache.require_version(store, checkpoints.read_meta(directory).get("cache_version"), name)
-        ds = inputs.train_examples(data, config.seed + 1, hold_out_valid=es.enabled)
-        ds = ds.batch(config.downstream.batch_size)
-        if dim:
-            ds = ds.map(with_summaries)
 
         def batches_fn(dim=dim):
             raw = valid_batches(config, data)
@@ -204,7 +213,7 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
         _, out[name] = fit(
             {"ranker": build_ranker(config, data, dim, config.seed)},
             make_loss_fn(data.spec.task),
-            iter(ds),
+            iter(downstream_batches(config, data, store if dim else None)),
             config.downstream,
             directory,
             mesh,

@@ -185,8 +185,12 @@ def make_optimizer(
 
 
 def lifelong_inputs(batch) -> dict:
-    """Keyword inputs beyond the window: the events before it, for models that read them."""
-    return {"prefix_BxP": batch["prefix"]} if "prefix" in batch else {}
+    """Keyword inputs beyond the window, for models that read them: the events before it
+    (`prefix`), or the summaries of every snapshot read from a cache (`summary`)."""
+    inputs = {"prefix_BxP": batch["prefix"]} if "prefix" in batch else {}
+    if "summary" in batch:
+        inputs["summary_BxJxKxD"] = batch["summary"]
+    return inputs
 
 
 def batch_inputs(batch) -> tuple:

@@ -7,10 +7,15 @@ row ``row_offsets[u] + j``).
 
 A store root is any TensorStore kvstore (a local path, ``"memory://"``, ``"gs://..."``,
 ``"s3://..."`` or a spec dict). Its keys (CURRENT, ``versions/<v>/manifest.json`` and each
-write attempt's zarr3 arrays summary, scale, present, coverage and named extras, chunked by
-blocks of ``chunk_rows`` rows) are laid out in `vista_jax.store_layout`; quantization is
-`vista_jax.quantize`; row-block writing is `vista_jax.store_write`. This module opens,
-reads, writes, publishes and garbage-collects versions.
+write attempt's zarr3 arrays: by default one packed record per row, in shards of
+``chunk_rows`` rows, and named extras) are laid out in `vista_jax.store_layout`; the "rows"
+layout and its byte-range reader are `vista_jax.store_rows`; quantization is
+`vista_jax.quantize`; row-block writing and lineage are `vista_jax.store_write`. This module
+opens, reads, writes, publishes and garbage-collects versions.
+
+Each row is stamped with the time of the last event it covers (`read_quantized`'s
+``event_time``), each version has a ``watermark`` and a ``lineage`` (what built it);
+`vista_jax.cache.as_of` answers point-in-time reads from them.
 
 Publication cannot tear (the protocol is in `vista_jax.store_layout`): each write attempt
 has its own arrays, the manifest is created only if absent, CURRENT moves by compare-and-swap
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -33,6 +39,8 @@ import tensorstore as ts
 from vista_jax.quantize import QUANTIZATIONS, decode, dequantize_int8, quantize_int8
 from vista_jax.store_layout import (
     LAYOUTS,
+    NO_EVENTS,
+    UNKNOWN_TIME,
     SummaryStoreError,
     array_kvstore,
     attempt_prefix,
@@ -56,7 +64,9 @@ from vista_jax.store_layout import (
     version_prefix,
     write_current,
 )
+from vista_jax.store_rows import ROW_ARRAY, RowReader, record_dtype, unpack
 from vista_jax.store_write import (
+    Lineage,
     RowBlock,
     as_blocks,
     build_clock,
@@ -66,8 +76,11 @@ from vista_jax.store_write import (
 
 __all__ = [
     "LAYOUTS",
+    "NO_EVENTS",
     "QUANTIZATIONS",
+    "UNKNOWN_TIME",
     "GarbageReport",
+    "QuantizedBatch",
     "RowBlock",
     "SummaryBatch",
     "SummaryStore",
@@ -91,6 +104,17 @@ class SummaryBatch(NamedTuple):
     summaries: np.ndarray  # [B, K, D] float32, dequantized
     present: np.ndarray  # [B] bool
     coverage: np.ndarray  # [B] int64
+
+
+class QuantizedBatch(NamedTuple):
+    """Result of `SummaryStore.read_quantized`: rows as stored, to dequantize on device
+    (`vista_jax.quantize.dequantize_int8` takes jax arrays). Absent rows are zeros."""
+
+    values: np.ndarray  # [B, K, D] int8 | bfloat16 | float32, as stored
+    scale: np.ndarray | None  # [B, K] float32 (int8 only; absent rows 0)
+    present: np.ndarray  # [B] bool
+    coverage: np.ndarray  # [B] int64
+    event_time: np.ndarray  # [B] int64: time of the last covered event (NO_EVENTS: none)
 
 
 class WriteResult(dict):
@@ -132,6 +156,8 @@ class SummaryStore:
         self._manifest = manifest
         self._generation = generation  # of the manifest this reader opened
         self._arrays = arrays
+        self._rows: RowReader | None = None  # layout "rows": the byte-range reader
+        self._manifest_stat: tuple | None = None  # local roots: (path, identity) at open
 
     @classmethod
     def open(
@@ -149,7 +175,10 @@ class SummaryStore:
         where = describe(spec)
         base = open_base(spec, context)
         version = version or read_current(base, where)
+        local = spec["path"] + manifest_key(version) if spec.get("driver") == "file" else None
+        before = _identity_or_none(local)
         manifest, generation = read_manifest(base, version, where)
+        after = _identity_or_none(local)
         if expected_config_hash is not None and manifest["config_hash"] != expected_config_hash:
             raise SummaryStoreError(
                 f"summary version {version!r} at {where} was built with config_hash "
@@ -158,9 +187,25 @@ class SummaryStore:
                 "read with the config it was built from"
             )
         store = cls(base, where, manifest, generation, {})
-        for name, meta in {**manifest["arrays"], **manifest["extra_arrays"]}.items():
+        if before is not None and before == after:  # the file read is the one stat'ed
+            store._manifest_stat = (local, before)
+        for name, meta in store._stored_arrays().items():
             store._arrays[name] = store._open_array(spec, name, meta, context)
+        if manifest["layout"] == "rows":
+            record = manifest["row_record"]
+            store._rows = RowReader(
+                array_kvstore(spec, data_prefix(manifest), "rows", ROW_ARRAY),
+                manifest["num_rows"], record["row_bytes"], record["shard_rows"], context,
+            )  # fmt: skip
         return store
+
+    def _stored_arrays(self) -> dict[str, dict]:
+        """{name: {"shape", "dtype"}} of the zarr3 arrays this version stores."""
+        manifest = self._manifest
+        if manifest["layout"] != "rows":
+            return {**manifest["arrays"], **manifest["extra_arrays"]}
+        shape = [manifest["num_rows"], manifest["row_record"]["row_bytes"]]
+        return {ROW_ARRAY: {"shape": shape, "dtype": "uint8"}, **manifest["extra_arrays"]}
 
     def _open_array(self, spec: dict, name: str, meta: dict, context):
         manifest = self._manifest
@@ -198,17 +243,26 @@ class SummaryStore:
         quantization: str = "int8",
         chunk_rows: int = 64,
         coverage_info: Mapping[str, Any] | None = None,
-        layout: str = "ocdbt",
+        layout: str = LAYOUTS[0],
         context: ts.Context | None = None,
+        event_time: np.ndarray | None = None,
+        summarizer_checkpoint: str = "",
+        data_fingerprint: str = "",
+        watermark: int | None = None,
     ) -> WriteResult:
         """Writes, then publishes, a version; moves CURRENT to it unless a newer one is
         current; returns its manifest as a `WriteResult`.
 
         `summaries` is either f32 [N, K, D] (rows for `row_ids`, default 0..N-1, with
-        `coverage` [N] and `extra_arrays` {name: [N, ...]}) or an iterable of `RowBlock`
-        (then `num_rows` is required), so a large build streams block by block. Rows never
-        written read as absent. A version published with other content is refused; an
-        identical rerun (same rows, same order) completes the earlier publication.
+        `coverage` [N], `event_time` [N] and `extra_arrays` {name: [N, ...]}) or an iterable
+        of `RowBlock` (then `num_rows` is required), so a large build streams block by block.
+        Rows never written read as absent. A version published with other content is
+        refused; an identical rerun (same rows, same order) completes the earlier publication.
+
+        Lineage: `summarizer_checkpoint` (path) and `data_fingerprint` name the inputs; the
+        `watermark` is the newest event time the build read (default: the newest any row
+        covers) and must be >= every row's event_time. `chunk_rows` is rows per chunk, or
+        per shard with layout "rows" (`vista_jax.store_rows`).
         """
         check_name("version", version)
         if quantization not in QUANTIZATIONS or layout not in LAYOUTS or chunk_rows < 1:
@@ -224,15 +278,16 @@ class SummaryStore:
         # Whole arrays go in blocks of whole chunks (~4096 rows): one OCDBT commit per block.
         block_rows = chunk_rows * max(1, 4096 // chunk_rows)
         blocks, num_rows = as_blocks(
-            summaries, coverage, extra_arrays, row_ids, num_rows, block_rows
+            summaries, coverage, extra_arrays, row_ids, num_rows, block_rows, event_time
         )
+        lineage = Lineage(summarizer_checkpoint, data_fingerprint, watermark)
         fields = dict(
             config_hash=str(config_hash), summarizer_step=int(summarizer_step),
             quantization=quantization, layout=layout, chunk_rows=int(chunk_rows),
         )  # fmt: skip
         refuse_conflicting(base, version, where, num_rows=int(num_rows), **fields)
         manifest, rerun = write_attempt(
-            base, spec, version, blocks, num_rows, fields, coverage_info, clock, context
+            base, spec, version, blocks, num_rows, fields, coverage_info, clock, context, lineage
         )
         current, moved = _advance_current(base, manifest, start, where)
         if current != version:
@@ -323,26 +378,73 @@ class SummaryStore:
     def extra_names(self) -> tuple[str, ...]:
         return tuple(self._manifest["extra_arrays"])
 
+    @property
+    def watermark(self) -> int | None:
+        """The newest event time this version's build read (None: unknown, format < 4)."""
+        return self._manifest.get("watermark")
+
+    @property
+    def lineage(self) -> dict:
+        """What names this version and its inputs, for the checkpoints trained on it: the
+        root, version, content hash, summarizer checkpoint and step, config hash, data
+        fingerprint, k, d, quantization, layout, row counts, bytes per row, watermark."""
+        keys = (
+            "version", "content_hash", "summarizer_checkpoint", "summarizer_step",
+            "config_hash", "data_fingerprint", "k", "d", "quantization", "layout",
+            "num_rows", "present_rows", "bytes_per_row", "watermark", "format_version",
+        )  # fmt: skip
+        return {"root": self._where} | {key: self._manifest.get(key) for key in keys}
+
     # ------------------------------------------------------------------- reading
 
     def read(self, row_ids) -> SummaryBatch:
-        """Dequantized summaries of a batch of rows, one TensorStore read per array.
+        """Dequantized summaries of a batch of rows (decoded on the host).
 
         Ids >= num_rows or never written read as present False with zeros; negative ids are
         an error, and so is a version garbage-collected since it was opened.
         """
+        batch = self.read_quantized(row_ids)
+        summaries = decode(batch.values, batch.scale)
+        summaries[~batch.present] = 0.0
+        return SummaryBatch(summaries, batch.present, batch.coverage)
+
+    def read_quantized(self, row_ids) -> QuantizedBatch:
+        """Rows as stored (int8 and scales, bf16 or f32), with their coverage and event time:
+        the fast path, whose dequantization can run on device. Same absence rules as `read`;
+        versions older than format 4 read event_time as UNKNOWN_TIME."""
         ids, valid = self._locate(row_ids)
-        names = ["present", "coverage", "summary"] + ["scale"] * ("scale" in self._arrays)
-        rows = self._read_rows(names, ids[valid])
-        present = np.zeros(len(ids), bool)
-        present[valid] = rows["present"] == 1
-        summaries = np.zeros((len(ids), self.k, self.d), np.float32)
-        summaries[valid] = decode(rows["summary"], rows.get("scale"))
-        summaries[~present] = 0.0
-        coverage = np.zeros(len(ids), np.int64)
-        coverage[valid] = rows["coverage"]
-        coverage[~present] = 0
-        return SummaryBatch(summaries, present, coverage)
+        rows = self._read_core(ids[valid])
+        if not valid.all():  # ids past the end: absent rows between the ones read
+            for name, values in rows.items():
+                rows[name] = np.zeros((len(ids), *values.shape[1:]), values.dtype)
+                rows[name][valid] = values
+        present = rows.pop("present") == 1
+        if not present.all():
+            for values in rows.values():
+                values[~present] = 0
+        return QuantizedBatch(
+            rows["summary"], rows.get("scale"), present, rows["coverage"], rows["event_time"]
+        )
+
+    def _read_core(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Core values of rows `ids` (all < num_rows): summary, [scale,] present, coverage,
+        event_time, from the row records or the per-array zarr3 arrays."""
+        if self._rows is not None:
+            try:
+                raw = self._rows.read(ids)
+            except (OSError, ValueError, SummaryStoreError) as e:  # e.g. collected meanwhile
+                self._check_live(e)
+                raise
+            self._check_live()
+            summary = self._manifest["arrays"]["summary"]
+            stored = np.dtype(ts.dtype(summary["dtype"]).numpy_dtype)
+            dtype = record_dtype(self.k, self.d, stored, "scale" in self._manifest["arrays"])
+            return unpack(raw, dtype, self.k, self.d, stored)
+        names = [n for n in ("present", "coverage", "summary", "scale", "event_time")
+                 if n in self._arrays]  # fmt: skip
+        rows = self._read_rows(names, ids)
+        rows.setdefault("event_time", np.full(len(ids), UNKNOWN_TIME, np.int64))
+        return rows
 
     def read_extra(self, name: str, row_ids) -> np.ndarray:
         """Extra per-row array `name` for a batch of rows; absent rows read as zeros."""
@@ -353,11 +455,10 @@ class SummaryStore:
                 "with a summarizer that stores it"
             )
         ids, valid = self._locate(row_ids)
-        rows = self._read_rows(["present", name], ids[valid])
+        values = self._read_rows([name], ids[valid])[name]
+        values[self._read_core(ids[valid])["present"] != 1] = 0
         array = self._arrays[name]
         out = np.zeros((len(ids), *array.shape[1:]), array.dtype.numpy_dtype)
-        values = rows[name]
-        values[rows["present"] != 1] = 0
         out[valid] = values
         return out
 
@@ -392,8 +493,7 @@ class SummaryStore:
     def _check_live(self, cause: BaseException | None = None) -> None:
         """Raises unless this reader's manifest is still published, unchanged. Collection
         deletes a manifest before its data, so rows read before this passes are valid."""
-        key = manifest_key(self.version)
-        state = self._base.read(key, if_not_equal=self._generation).result().state
+        state = self._manifest_state()
         if state == "unspecified":  # the generation is still the one opened
             return
         what = "garbage-collected" if state == "missing" else "deleted and published again"
@@ -402,6 +502,34 @@ class SummaryStore:
             "opened it; its rows are no longer readable. Fix: reopen the store "
             "(SummaryStore.open), or keep the version when collecting garbage (keep=...)"
         ) from cause
+
+    def _manifest_state(self) -> str:
+        """ "unspecified" (unchanged since opened), "missing", or "value" (another one).
+
+        On a local root, a stat of the manifest file (inode, mtime, size as seen at open),
+        which costs microseconds where a kvstore read costs a millisecond per batch."""
+        if self._manifest_stat is not None:
+            try:
+                stat = _file_identity(self._manifest_stat[0])
+            except FileNotFoundError:
+                return "missing"
+            return "unspecified" if stat == self._manifest_stat[1] else "value"
+        key = manifest_key(self.version)
+        return self._base.read(key, if_not_equal=self._generation).result().state
+
+
+def _identity_or_none(path: str | None) -> tuple | None:
+    if path is None:
+        return None
+    try:
+        return _file_identity(path)
+    except FileNotFoundError:
+        return None
+
+
+def _file_identity(path: str) -> tuple:
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 # --------------------------------------------------------------------------- publication

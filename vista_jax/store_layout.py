@@ -7,14 +7,19 @@ same code serves every backend::
 
   CURRENT                                 text: id of the current version (moved by CAS)
   versions/<v>/manifest.json              created once, never rewritten: publishes <v>
-  versions/<v>/attempts/<attempt>/        one write attempt's arrays: an OCDBT database
+  versions/<v>/attempts/<attempt>/        one write attempt's arrays (zarr3)
       summary    [R, K, D]  int8 | bfloat16 | float32   (quantization "int8" | "bf16" | "none")
       scale      [R, K]     float32   int8 only: one symmetric scale per summary token
       present    [R]        uint8     1 = row written; other rows read as absent (zeros)
       coverage   [R]        int64     how many of the row's user's time-sorted events it covers
+      event_time [R]        int64     time of the last event it covers (format 4)
       <extra>    [R, ...]   any       named per-row arrays (e.g. recurrent QLA states)
 
-With layout "plain" the arrays are plain zarr3 directories instead of one OCDBT database.
+Layouts: "rows" (the default, format 4) packs the core values of each row into one record of
+the array ``row [R, row_bytes] uint8``, in shards of ``chunk_rows`` rows with one inner chunk
+per row, for random reads (`vista_jax.store_rows`); "ocdbt" keeps one array per value in one
+OCDBT database, "plain" in plain zarr3 directories. Extras are arrays of their own in every
+layout. Format 4 adds the lineage keys (``LINEAGE_KEYS``); formats 2 and 3 are still read.
 ``<attempt>`` is ``<UTC start time>-<random hex>`` (``20250101T120000.123456Z-9f3a0c1b2d4e``),
 unique to one write attempt; the manifest names the attempt it publishes (``attempt``,
 ``data``). Format-2 manifests (before attempts) keep their arrays at ``versions/<v>/data/``
@@ -69,10 +74,12 @@ import tensorstore as ts
 
 from vista_jax.errors import UserError
 
-FORMAT_VERSION = 3  # 3: per-attempt data, create-once manifest; 2: versions/<v>/data/
-READABLE_FORMATS = (2, 3)
-LAYOUTS = ("ocdbt", "plain")
-CORE_ARRAYS = ("summary", "scale", "present", "coverage")
+FORMAT_VERSION = 4  # 4: + event_time, watermark, lineage, "rows"; 3: per-attempt data
+READABLE_FORMATS = (2, 3, 4)  # 2: versions/<v>/data/, before attempts
+LAYOUTS = ("rows", "ocdbt", "plain")  # the first is the default
+CORE_ARRAYS = ("summary", "scale", "present", "coverage", "event_time")
+NO_EVENTS = int(np.iinfo(np.int64).min)  # event_time of a row covering no event
+UNKNOWN_TIME = int(np.iinfo(np.int64).max)  # event_time when the writer gave none
 CURRENT_KEY = "CURRENT"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ATTEMPT_TIME = "%Y%m%dT%H%M%S.%fZ"
@@ -93,7 +100,20 @@ MANIFEST_KEYS_V2 = (
     "extra_arrays",
 )
 ATTEMPT_KEYS = ("attempt", "data", "build_clock", "content_hash")  # not part of the content
-MANIFEST_KEYS = MANIFEST_KEYS_V2 + ATTEMPT_KEYS
+LINEAGE_KEYS = (  # format 4: what a downstream model needs to name what it was trained on
+    "summarizer_checkpoint",
+    "data_fingerprint",
+    "present_rows",
+    "bytes_per_row",
+    "watermark",
+    "row_record",
+)
+REQUIRED_KEYS = {
+    2: MANIFEST_KEYS_V2,
+    3: MANIFEST_KEYS_V2 + ATTEMPT_KEYS,
+    4: MANIFEST_KEYS_V2 + ATTEMPT_KEYS + LINEAGE_KEYS,
+}
+MANIFEST_KEYS = REQUIRED_KEYS[FORMAT_VERSION]
 
 
 class SummaryStoreError(UserError):
@@ -287,13 +307,13 @@ def parse_manifest(text: str, version: str, where: str) -> dict:
         manifest = None
     manifest = manifest if isinstance(manifest, dict) else {}
     found = manifest.get("format_version")
-    required = MANIFEST_KEYS if found == FORMAT_VERSION else MANIFEST_KEYS_V2
+    required = REQUIRED_KEYS.get(found, MANIFEST_KEYS_V2) if isinstance(found, int) else ()
     missing = [key for key in required if key not in manifest]
     if missing or found not in READABLE_FORMATS:
         raise SummaryStoreError(
             f"manifest of version {version!r} at {where} is corrupt or of another format "
             f"(missing keys {missing}, format_version {found!r}, this reader reads "
-            f"{' or '.join(map(str, READABLE_FORMATS))}). Fix: rebuild the version under a "
+            f"{', '.join(map(str, READABLE_FORMATS))}). Fix: rebuild the version under a "
             "new id (--mode=build_cache)"
         )
     return manifest
@@ -360,10 +380,11 @@ def create_manifest(base: ts.KvStore, manifest: dict, where: str) -> tuple[dict,
 
 def build_manifest(
     version, schema, *, config_hash, summarizer_step, quantization, layout, chunk_rows,
-    coverage_info, attempt, build_clock, data_digest,
+    coverage_info, attempt, build_clock, data_digest, lineage,
 ) -> dict:  # fmt: skip
-    """The manifest JSON of a version from its array schema {name: (shape, dtype)} and the
-    digest of its array writes; ``content_hash`` covers all but the attempt's keys."""
+    """The manifest JSON of a version from its array schema {name: (shape, dtype)}, the
+    digest of its array writes and its `lineage` (a value for each of ``LINEAGE_KEYS``);
+    ``content_hash`` covers all but the attempt's keys."""
 
     def describe_arrays(names):
         return {
@@ -389,6 +410,7 @@ def build_manifest(
         "coverage": dict(coverage),
         "arrays": describe_arrays([n for n in CORE_ARRAYS if n in schema]),
         "extra_arrays": describe_arrays([n for n in schema if n not in CORE_ARRAYS]),
+        **{key: lineage[key] for key in LINEAGE_KEYS},
     }
     content_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
     content_hash.update(data_digest.encode())

@@ -24,6 +24,8 @@ import tensorstore as ts
 from vista_jax.quantize import STORED_DTYPE, encode
 from vista_jax.store_layout import (
     CORE_ARRAYS,
+    NO_EVENTS,
+    UNKNOWN_TIME,
     SummaryStoreError,
     array_kvstore,
     attempt_prefix,
@@ -36,6 +38,14 @@ from vista_jax.store_layout import (
     order_key,
     prune_empty_dirs,
     read_manifest,
+)
+from vista_jax.store_rows import (
+    ROW_ARRAY,
+    ShardBuffer,
+    pack,
+    record_dtype,
+    record_fields,
+    sharded_spec,
 )
 
 _clock_lock = threading.Lock()
@@ -50,15 +60,29 @@ class RowBlock(NamedTuple):
     summaries: np.ndarray  # [b, K, D] float32
     coverage: np.ndarray  # [b] int64: events of the row's user the summary covers
     extras: Mapping[str, np.ndarray] | None = None  # name -> [b, ...]
+    # [b] int64: time of the last event each row covers (store_layout.NO_EVENTS: none);
+    # None stamps the rows UNKNOWN_TIME, which point-in-time reads never pick.
+    event_time: np.ndarray | None = None
+
+
+class Lineage(NamedTuple):
+    """What a build knows of its inputs, beyond what its rows say (see the manifest)."""
+
+    summarizer_checkpoint: str = ""  # path of the checkpoint the summarizer came from
+    data_fingerprint: str = ""  # of the dataset the rows were computed from
+    watermark: int | None = None  # newest event time the build read; None: newest covered
 
 
 def as_blocks(
-    summaries, coverage, extra_arrays, row_ids, num_rows, block_rows
+    summaries, coverage, extra_arrays, row_ids, num_rows, block_rows, event_time=None
 ) -> tuple[Iterable[RowBlock], int]:
     """Whole arrays -> (blocks of rows, num_rows); an iterable of RowBlock passes through."""
     if not isinstance(summaries, np.ndarray) and not hasattr(summaries, "__array__"):
-        if coverage is not None or extra_arrays is not None or row_ids is not None:
-            raise ValueError("with block input, coverage/extras/row ids go inside each RowBlock")
+        given = (coverage, extra_arrays, row_ids, event_time)
+        if any(x is not None for x in given):
+            raise ValueError(
+                "with block input, coverage/extras/row ids/event_time go inside each RowBlock"
+            )
         if num_rows is None:
             raise ValueError("num_rows is required when summaries is an iterable of RowBlock")
         return summaries, num_rows
@@ -80,17 +104,28 @@ def as_blocks(
                 summaries[part],
                 np.asarray(coverage)[part],
                 block_extras,
+                None if event_time is None else np.asarray(event_time)[part],
             )
 
     return blocks(), num_rows
 
 
+class WrittenArrays(NamedTuple):
+    """What `write_arrays` wrote: the manifest needs all of it."""
+
+    schema: dict[str, tuple]  # name -> (shape, dtype) of every logical array
+    digest: str  # hex digest of every row written (ids and stored values, in order)
+    present_rows: int  # distinct rows written
+    newest_time: int | None  # largest event time any row covers (None: no stamped row)
+    row_record: dict | None  # "rows" layout: the packed record's layout
+
+
 def write_arrays(
     root_spec, prefix, blocks, *, version, num_rows, quantization, chunk_rows, layout, context
-) -> tuple[dict[str, tuple], str]:
+) -> WrittenArrays:
     """Creates a version's arrays under `prefix` from its first block, then writes every
-    block, one at a time (memory stays bounded by a block); returns the array schema
-    {name: (shape, dtype)} and the hex digest of everything written."""
+    block, one at a time (memory stays bounded by a block, and with the "rows" layout by a
+    few shards)."""
     if num_rows < 1:
         raise ValueError(f"version {version!r}: need num_rows >= 1, got {num_rows}")
     blocks = iter(blocks)
@@ -98,17 +133,26 @@ def write_arrays(
     if first is None:
         raise ValueError(f"version {version!r}: no row blocks to write")
     schema = _array_schema(first, num_rows, quantization)
-    arrays = {
-        name: _create_array(
-            array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows, context
-        )
-        for name, (shape, dtype) in schema.items()
-    }
+    sink = _RowsSink if layout == "rows" else _ArraySink
+    sink = sink(root_spec, prefix, layout, schema, num_rows, chunk_rows, context)
     digest = hashlib.sha256()
+    written = np.zeros(num_rows, bool)
+    newest = NO_EVENTS
     for block in itertools.chain([first], blocks):
         ids = _check_block(block, schema, num_rows)
-        _write_block(arrays, block, ids, quantization, digest)
-    return schema, digest.hexdigest()
+        values = _encode_block(block, ids, schema, quantization, digest)
+        sink.write(ids, values)
+        written[ids] = True
+        stamped = values["event_time"][values["event_time"] != UNKNOWN_TIME]
+        newest = max(newest, int(stamped.max(initial=NO_EVENTS)))
+    sink.close()
+    return WrittenArrays(
+        schema,
+        digest.hexdigest(),
+        int(written.sum()),
+        None if newest == NO_EVENTS else newest,
+        sink.row_record,
+    )
 
 
 def _array_schema(block: RowBlock, num_rows: int, quantization: str) -> dict[str, tuple]:
@@ -120,12 +164,13 @@ def _array_schema(block: RowBlock, num_rows: int, quantization: str) -> dict[str
         "summary": ((num_rows, k, d), STORED_DTYPE[quantization]),
         "present": ((num_rows,), np.dtype(np.uint8)),
         "coverage": ((num_rows,), np.dtype(np.int64)),
+        "event_time": ((num_rows,), np.dtype(np.int64)),
     }
     if quantization == "int8":
         schema["scale"] = ((num_rows, k), np.dtype(np.float32))
     for name, values in (block.extras or {}).items():
         check_name("extra array name", name)
-        if name in CORE_ARRAYS:
+        if name in CORE_ARRAYS or name == ROW_ARRAY:
             raise ValueError(f"extra array name {name!r} clashes with a core array")
         values = np.asarray(values)
         schema[name] = ((num_rows, *values.shape[1:]), values.dtype)
@@ -157,6 +202,8 @@ def _check_block(block: RowBlock, schema: dict[str, tuple], num_rows: int) -> np
     if len(np.unique(ids)) != len(ids):
         raise ValueError("row ids within a block must be distinct")
     expected = {"summary": block.summaries, "coverage": block.coverage, **(block.extras or {})}
+    if block.event_time is not None:
+        expected["event_time"] = block.event_time
     extra_names = set(schema) - set(CORE_ARRAYS)
     if set(block.extras or {}) != extra_names:
         raise ValueError(f"block extras {sorted(block.extras or {})} != {sorted(extra_names)}")
@@ -176,28 +223,87 @@ def _row_index(ids: np.ndarray):
     return ids
 
 
-def _write_block(arrays: dict, block: RowBlock, ids: np.ndarray, quantization: str, digest):
-    """Writes one block to every array, adds it to `digest`, and waits until it is committed."""
+def _encode_block(block: RowBlock, ids: np.ndarray, schema: dict, quantization: str, digest):
+    """The stored values of one block, {array name: [b, ...]}, added to `digest`."""
     stored, scale = encode(np.asarray(block.summaries, np.float32), quantization)
+    stamps = UNKNOWN_TIME if block.event_time is None else block.event_time
     values = {
         "summary": stored,
         "present": np.ones(len(ids), np.uint8),
         "coverage": np.asarray(block.coverage, np.int64),
-        **{name: np.asarray(v) for name, v in (block.extras or {}).items()},
+        "event_time": np.broadcast_to(np.asarray(stamps, np.int64), (len(ids),)),
+        # Cast on the host: TensorStore does not convert, e.g., float64 states to float32.
+        **{name: np.asarray(v, schema[name][1]) for name, v in (block.extras or {}).items()},
     }
     if scale is not None:
         values["scale"] = scale
-    index = _row_index(ids)
     digest.update(ids.tobytes())
-    futures = []
     for name in sorted(values):
-        # Cast on the host: TensorStore does not convert, e.g., float64 states to float32.
-        cast = np.ascontiguousarray(values[name], arrays[name].dtype.numpy_dtype)
         digest.update(name.encode())
-        digest.update(cast.tobytes())
-        futures.append(arrays[name][index].write(cast))
-    for future in futures:
-        future.commit.result()
+        digest.update(np.ascontiguousarray(values[name]).tobytes())
+    return values
+
+
+class _ArraySink:
+    """Layouts "ocdbt" and "plain": one zarr3 array per name, chunks of `chunk_rows` rows."""
+
+    row_record = None
+
+    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context):
+        self._arrays = {
+            name: _create_array(
+                array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows, context
+            )
+            for name, (shape, dtype) in schema.items()
+        }
+
+    def write(self, ids: np.ndarray, values: dict) -> None:
+        """Writes one block to every array and waits until it is committed."""
+        index = _row_index(ids)
+        futures = []
+        for name, array in self._arrays.items():
+            cast = np.ascontiguousarray(values[name], array.dtype.numpy_dtype)
+            futures.append(array[index].write(cast))
+        for future in futures:
+            future.commit.result()
+
+    def close(self) -> None:
+        pass
+
+
+class _RowsSink:
+    """Layout "rows": core values packed per row into the sharded ``row`` array; extras
+    as sharded arrays of their own (`vista_jax.store_rows`)."""
+
+    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context):
+        (_, k, d), stored = schema["summary"]
+        self._record = record_dtype(k, d, stored, "scale" in schema)
+        self.row_record = {
+            "array": ROW_ARRAY,
+            "row_bytes": self._record.itemsize,
+            "shard_rows": int(min(chunk_rows, num_rows)),
+            "fields": record_fields(self._record),
+        }
+        shapes = {ROW_ARRAY: ((num_rows, self._record.itemsize), np.dtype(np.uint8))}
+        shapes |= {n: schema[n] for n in schema if n not in CORE_ARRAYS}
+        arrays = {
+            name: ts.open(
+                sharded_spec(
+                    array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows
+                ),
+                create=True,
+                context=context,
+            ).result()
+            for name, (shape, dtype) in shapes.items()
+        }
+        self._buffer = ShardBuffer(arrays, num_rows, chunk_rows)
+
+    def write(self, ids: np.ndarray, values: dict) -> None:
+        rows = {n: v for n, v in values.items() if n not in CORE_ARRAYS}
+        self._buffer.write(ids, rows | {ROW_ARRAY: pack(values, self._record)})
+
+    def close(self) -> None:
+        self._buffer.close()
 
 
 # --------------------------------------------------------------------------- attempts
@@ -223,7 +329,7 @@ def manifest_or_none(base: ts.KvStore, version: str | None, where: str) -> dict 
 
 
 def write_attempt(
-    base, spec, version, blocks, num_rows, fields, coverage_info, clock, context
+    base, spec, version, blocks, num_rows, fields, coverage_info, clock, context, lineage
 ) -> tuple[dict, bool]:
     """Writes the arrays under a fresh attempt prefix, then creates the manifest if absent;
     returns (the published manifest, whether an identical earlier build had published it)."""
@@ -231,13 +337,14 @@ def write_attempt(
     attempt = new_attempt_id(time.time_ns())
     prefix = attempt_prefix(version, attempt)
     try:
-        schema, digest = write_arrays(
+        written = write_arrays(
             spec, prefix, blocks, version=version, num_rows=num_rows, context=context,
             **{k: fields[k] for k in ("quantization", "chunk_rows", "layout")},
         )  # fmt: skip
         manifest = build_manifest(
-            version, schema, **fields, coverage_info=coverage_info, attempt=attempt,
-            build_clock=clock, data_digest=digest,
+            version, written.schema, **fields, coverage_info=coverage_info, attempt=attempt,
+            build_clock=clock, data_digest=written.digest,
+            lineage=lineage_fields(written, lineage, version),
         )  # fmt: skip
         manifest, rerun = create_manifest(base, manifest, where)
     except BaseException:
@@ -246,6 +353,32 @@ def write_attempt(
     if rerun:  # this attempt duplicates the published one: nobody reads it
         _discard_attempt(base, spec, version, prefix)
     return manifest, rerun
+
+
+def lineage_fields(written: WrittenArrays, lineage: Lineage, version: str) -> dict:
+    """The manifest's ``LINEAGE_KEYS`` from what was written and what the build names."""
+    watermark = lineage.watermark if lineage.watermark is not None else written.newest_time
+    if watermark is not None and (written.newest_time or NO_EVENTS) > watermark:
+        raise ValueError(
+            f"version {version!r}: a row covers an event at time {written.newest_time}, after "
+            f"the watermark {watermark}; the watermark must be >= every row's event_time"
+        )
+    if written.row_record is not None:
+        bytes_per_row = written.row_record["row_bytes"]
+    else:  # one value of every core array per row
+        bytes_per_row = sum(
+            int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            for name, (shape, dtype) in written.schema.items()
+            if name in CORE_ARRAYS
+        )
+    return {
+        "summarizer_checkpoint": str(lineage.summarizer_checkpoint),
+        "data_fingerprint": str(lineage.data_fingerprint),
+        "present_rows": written.present_rows,
+        "bytes_per_row": int(bytes_per_row),
+        "watermark": None if watermark is None else int(watermark),
+        "row_record": written.row_record,
+    }
 
 
 def _discard_attempt(base: ts.KvStore, spec: dict, version: str, prefix: str) -> None:

@@ -31,7 +31,9 @@ from vista_jax import retrieval
 from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["sasrec", "hstu", "hstu_large", "vista"], "Presets to time.")
+flags.DEFINE_list(
+    "models", ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"], "Presets to time."
+)
 flags.DEFINE_list("sampling", ["per_position", "per_row"], "Negative sampling variants.")
 flags.DEFINE_integer("steps", 5, "Timed steps per model (after 2 warm-up steps).")
 flags.DEFINE_integer("batch", 128, "Sequences per step.")

@@ -31,6 +31,8 @@ def setting(run: dict) -> str:
     """A run's model and the switches that change what it measures."""
     cfg = run["config"]
     name = run["model"]
+    if name.startswith("vista") and cfg.get("num_recent", 64) != 64:
+        name += f" R={cfg['num_recent']}"
     if cfg.get("prefix_len"):
         name += f" +lifelong prefix {cfg['prefix_len']}"
     if cfg.get("train_on_valid"):

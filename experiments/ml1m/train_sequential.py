@@ -27,13 +27,14 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from vista_jax import fingerprints, metrics, retrieval
+from vista_jax import fingerprints, metrics, retrieval, retrieval_cache
 from vista_jax.data import sequences
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "sasrec", ["sasrec", "hstu", "hstu_large", "vista"], "Encoder preset.")
+MODELS = ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"]
+flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset.")
 flags.DEFINE_enum("data", "ml-1m", ["ml-1m", "ml-100k"], "Dataset.")
 flags.DEFINE_string("data_dir", os.environ.get("VISTA_DATA_DIR", ""), "Data root.")
 flags.DEFINE_integer("epochs", 10, "Training epochs (one row per user per epoch).")
@@ -56,6 +57,22 @@ flags.DEFINE_integer("snapshot_every", 40, "VISTA: events per snapshot (divides 
 flags.DEFINE_integer("num_recent", 64, "VISTA: raw recent events each position reads.")
 flags.DEFINE_integer(
     "prefix_len", 0, "VISTA: also summarize up to this many events before the window (0 = off)."
+)
+
+flags.DEFINE_string(
+    "export_cache", "", "VISTA: after training, write every row's snapshot summaries here."
+)
+flags.DEFINE_string(
+    "from_cache",
+    "",
+    "VISTA: train a downstream retriever that reads the summaries from this cache (written "
+    "by a source run's --export_cache; same data, window, prefix and VISTA flags).",
+)
+flags.DEFINE_string(
+    "resume_dir",
+    "",
+    "Save the training state here after every evaluation and resume from it when the same "
+    "command is run again (so a run longer than one session continues where it stopped).",
 )
 
 KS = (10, 50, 200)
@@ -84,15 +101,56 @@ def log_eval(row: dict) -> None:
     )
 
 
+class Progress:
+    """Atomic save/restore of (train state, numpy rng, evals, epoch times) in `resume_dir`.
+
+    The state's leaves go to one .npz in tree order, the rest to JSON, each written to a
+    temporary name and renamed, the JSON last: a kill leaves the previous save intact. A save
+    records the flags it was made with; resuming under different flags is refused.
+    """
+
+    def __init__(self, directory: str, run_flags: dict):
+        self.dir = pathlib.Path(directory) if directory else None
+        self.flags = run_flags
+
+    def save(self, state, rng, record: dict) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        leaves = jax.device_get(jax.tree.leaves(state))
+        tmp = self.dir / "state.tmp.npz"
+        np.savez(tmp, *leaves)
+        os.replace(tmp, self.dir / "state.npz")
+        meta = record | {"flags": self.flags, "rng": rng.bit_generator.state}
+        (self.dir / "progress.tmp.json").write_text(json.dumps(meta))
+        os.replace(self.dir / "progress.tmp.json", self.dir / "progress.json")
+
+    def restore(self, state, rng):
+        """(state, record) from the last save, or (state, None) when there is none."""
+        if self.dir is None or not (self.dir / "progress.json").exists():
+            return state, None
+        meta = json.loads((self.dir / "progress.json").read_text())
+        if meta["flags"] != self.flags:
+            diff = {k: (meta["flags"].get(k), v) for k, v in self.flags.items()
+                    if meta["flags"].get(k) != v}  # fmt: skip
+            raise app.UsageError(
+                f"{self.dir} holds a run with other flags (saved, now): {diff}. "
+                "Fix: rerun with the saved flags or use another --resume_dir"
+            )
+        with np.load(self.dir / "state.npz") as saved:
+            leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        treedef = jax.tree.structure(state)
+        rng.bit_generator.state = meta.pop("rng")
+        return jax.tree.unflatten(treedef, leaves), meta
+
+
 def train_and_evaluate() -> dict:
-    start, commit = (
-        time.time(),
-        fingerprints.git_commit(),
-    )  # The code that runs, not HEAD at the end.
+    start = session_start = time.time()
+    commit = fingerprints.git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
-    if FLAGS.prefix_len and FLAGS.model != "vista":
+    if FLAGS.prefix_len and not FLAGS.model.startswith("vista"):
         raise app.UsageError("--prefix_len is for --model=vista (the others read the window)")
     splits = sequences.from_event_log(
         event_log, FLAGS.window, FLAGS.train_on_valid, FLAGS.prefix_len
@@ -107,9 +165,19 @@ def train_and_evaluate() -> dict:
         snapshot_every=FLAGS.snapshot_every,
         num_recent=FLAGS.num_recent,
     )
+    source = "cached" if FLAGS.from_cache else "live"
     cfg = preset(
-        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time, **vista
-    )
+        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
+        summary_source=source, **vista,
+    )  # fmt: skip
+    if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
+        splits = retrieval_cache.attach(
+            splits, FLAGS.from_cache, *retrieval_cache.summary_shape(cfg)
+        )
+        splits = dataclasses.replace(splits, **{
+            name: {k: v for k, v in getattr(splits, name).items() if k != "prefix"}
+            for name in retrieval_cache.SPLITS
+        })  # fmt: skip
     model = build_encoder(cfg, nnx.Rngs(FLAGS.seed))
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
@@ -127,7 +195,7 @@ def train_and_evaluate() -> dict:
 
     score_fn = jax.jit(retrieval.make_score_fn(graphdef))
     int8_score_fn = None
-    if cfg.kind == "vista":  # Stage 2 on int8 summaries: what a model reading the cache sees.
+    if cfg.kind == "vista" and source == "live":  # Stage 2 on int8 summaries, as from a cache.
         quantized = nnx.merge(graphdef, state.params)
         quantized.quantize_summaries = True
         int8_score_fn = jax.jit(retrieval.make_score_fn(nnx.split(quantized, nnx.Param)[0]))
@@ -135,8 +203,17 @@ def train_and_evaluate() -> dict:
     rng = np.random.default_rng(FLAGS.seed)
     batch_positions = FLAGS.batch_size * FLAGS.window
     # ==== loop ================================================================================
-    evals, epoch_seconds, epoch = [], [], 0
-    for epoch in range(1, FLAGS.epochs + 1):
+    evals, epoch_seconds, epoch, first = [], [], 0, 1
+    # --epochs and --time_budget_min may change between sessions; nothing else may.
+    same = {k: v for k, v in flag_values().items() if k not in ("epochs", "time_budget_min")}
+    progress = Progress(FLAGS.resume_dir, {"model": FLAGS.model, "seed": FLAGS.seed} | vista | same)
+    state, record = progress.restore(state, rng)
+    if record is not None:
+        evals, epoch_seconds, first = record["evals"], record["epoch_seconds"], record["epoch"] + 1
+        start -= record["wall_seconds"]  # Wall time counts every session; the budget, this one.
+        log(f"resumed after epoch {record['epoch']} from {FLAGS.resume_dir}")
+    epoch = first - 1
+    for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
         for batch in sequences.train_batches(splits.train, FLAGS.batch_size, rng):
             count = int(np.sum(batch["target"] > 0))
@@ -148,7 +225,8 @@ def train_and_evaluate() -> dict:
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
         epoch_seconds.append(time.time() - t0)
         log(f"epoch {epoch}: loss {train_loss:.4f} ({epoch_seconds[-1]:.1f}s)")
-        over_budget = FLAGS.time_budget_min and time.time() - start > 60 * FLAGS.time_budget_min
+        elapsed = time.time() - session_start
+        over_budget = FLAGS.time_budget_min and elapsed > 60 * FLAGS.time_budget_min
         if epoch % FLAGS.eval_every == 0 or epoch == FLAGS.epochs or over_budget:
             t1 = time.time()
             row = {"epoch": epoch, "train_loss": train_loss}
@@ -163,9 +241,25 @@ def train_and_evaluate() -> dict:
             row["eval_seconds"] = time.time() - t1
             evals.append(row)
             log_eval(row)
+            record = {"epoch": epoch, "evals": evals, "epoch_seconds": epoch_seconds}
+            progress.save(state, rng, record | {"wall_seconds": time.time() - start})
         if over_budget:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
             break
+    # ==== cache export ========================================================================
+    exported = None
+    if FLAGS.export_cache:
+        if cfg.kind != "vista" or source != "live":
+            raise app.UsageError("--export_cache needs a source VISTA model (--model=vista*)")
+        t2 = time.time()
+        manifest = retrieval_cache.export(
+            nnx.merge(graphdef, state.params), splits, FLAGS.export_cache,
+            version=f"{FLAGS.model}-seed{FLAGS.seed}-epoch{epoch}", step=int(state.step),
+            source={"model": FLAGS.model, "epoch": epoch, "commit": commit} | flag_values(),
+        )  # fmt: skip
+        exported = {"root": FLAGS.export_cache, "version": manifest["version"],
+                    "seconds": time.time() - t2}  # fmt: skip
+        log(f"exported summaries of {manifest['num_rows']} rows as {exported}")
     # ==== summary =============================================================================
     selected = max(evals, key=lambda r: r["valid"]["ndcg@10"])
     best_test = max(evals, key=lambda r: r["test"]["ndcg@10"])
@@ -184,6 +278,7 @@ def train_and_evaluate() -> dict:
         | best_test,
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
+        "summary_cache": {"read_from": FLAGS.from_cache or None, "exported": exported},
         "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
@@ -193,7 +288,7 @@ def train_and_evaluate() -> dict:
 def flag_values() -> dict:
     names = (
         "epochs eval_every time_budget_min batch_size window num_negatives temperature "
-        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len"
+        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len from_cache"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
 

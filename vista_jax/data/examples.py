@@ -16,6 +16,9 @@ Three kinds of request:
 
 A `live` spec (the raw-history baselines: full target attention, SIM-hard, TWIN) puts the
 snapshot at the request itself, so `hist_*` holds the W events right before the request.
+Examples built `with_history=False` (a cache-fed model's training stream) carry no `hist_*`
+at all: the long-history window is sliced only for the models that read it
+(`request_inputs`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ class ExampleSpec:
 def user_gaps(record, num_gap_buckets: int) -> np.ndarray:
     time = np.asarray(record["time"])
     return gap_buckets(time, np.array([0, len(time)]), num_gap_buckets).astype(np.int32)
+
+
+def window_gaps(record, start: int, end: int, num_gap_buckets: int) -> np.ndarray:
+    """`user_gaps(record)[start:end]` from events [start - 1, end) alone: O(end - start)."""
+    lead = min(start, 1)  # The event before the window sets the first event's gap.
+    time = np.asarray(record["time"][start - lead : end])
+    return gap_buckets(time, np.array([0, len(time)]), num_gap_buckets)[lead:].astype(np.int32)
 
 
 def snapshot_positions(n: int, spec: ExampleSpec) -> np.ndarray:
@@ -83,31 +93,54 @@ def history_arrays(record, gaps, s: int, spec: ExampleSpec) -> dict[str, np.ndar
     }
 
 
-def recent_arrays(record, gaps, t: int, spec: ExampleSpec) -> dict[str, np.ndarray]:
+def recent_arrays(record, t: int, spec: ExampleSpec) -> dict[str, np.ndarray]:
+    """Stage 2's raw events: the last R before t, left aligned. Reads only events [t-R-1, t),
+    so a record holding a user's last R + 1 events gives the same arrays (serving)."""
     r = spec.num_recent
     start = max(0, t - r)
+    gaps = window_gaps(record, start, t, spec.num_gap_buckets)
     return {
         "recent_item": _window(record["item"], start, t, r),
         "recent_action": _window(record["action"], start, t, r),
-        "recent_gap": _window(gaps, start, t, r),
+        "recent_gap": _window(gaps, 0, t - start, r),
         "recent_category": _window(record["category"], start, t, r),
         "recent_len": np.int32(t - start),
     }
 
 
+def request_inputs(
+    record, spec: ExampleSpec, row: int, s: int, t: int, with_history: bool
+) -> dict[str, np.ndarray]:
+    """What every request at t carries: its ids, the summarizer's window for the snapshot at s
+    (`hist_*`, only `with_history`) and the last R raw events before t.
+
+    The one switch between the two kinds of reader: models that summarize or attend to the
+    raw history (the source model, the `live` baselines) need `hist_*`; a cache-fed model
+    must not read it (`with_history=False`: no event before the recent window is sliced).
+    """
+    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
+    if with_history:
+        ex |= history_arrays(record, user_gaps(record, spec.num_gap_buckets), s, spec)
+    return ex | recent_arrays(record, t, spec)
+
+
 def ranking_example(
-    record, spec: ExampleSpec, row: int, item_category: np.ndarray, rng=None
+    record,
+    spec: ExampleSpec,
+    row: int,
+    item_category: np.ndarray,
+    rng=None,
+    with_history: bool = True,
 ) -> dict[str, np.ndarray]:
     """Synthetic request after the history: snapshot at n - R, recent = the last R events.
 
     With an rng (training), `spec.train_candidates` of the request's candidates are sampled,
-    so repeated passes over a user see different candidates.
+    so repeated passes over a user see different candidates. `with_history=False` leaves out
+    the summarizer's window (`hist_*`): a cache-fed model reads the cache row instead.
     """
-    gaps = user_gaps(record, spec.num_gap_buckets)
     n = len(record["item"])
     s = n if spec.live else n - spec.num_recent
-    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
-    ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, n, spec)
+    ex = request_inputs(record, spec, row, s, n, with_history)
     keep = slice(None)
     if rng is not None and spec.train_candidates:
         keep = rng.choice(len(record["cand_item"]), spec.train_candidates, replace=False)
@@ -130,18 +163,22 @@ def _joined_snapshot(record, spec: ExampleSpec, t: int, row_offset: int) -> tupl
 
 
 def event_example(
-    record, spec: ExampleSpec, t: int, row_offset: int, item_category: np.ndarray
+    record,
+    spec: ExampleSpec,
+    t: int,
+    row_offset: int,
+    item_category: np.ndarray,
+    with_history: bool = True,
 ) -> dict[str, np.ndarray]:
     """Event-log ranking request at position t: one candidate, the item at t, with its label.
 
     The history is the user's events strictly before t (the summary up to the joined
     snapshot, the last R raw); the event's own action (its rating) is never an input.
+    `with_history=False` leaves out the summarizer's window, as in `ranking_example`.
     """
-    gaps = user_gaps(record, spec.num_gap_buckets)
     row, s = _joined_snapshot(record, spec, t, row_offset)
     item = np.asarray(record["item"][t : t + 1], np.int32)
-    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
-    ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, t, spec)
+    ex = request_inputs(record, spec, row, s, t, with_history)
     ex["cand_item"] = item
     ex["cand_category"] = item_category[item].astype(np.int32)
     ex["cand_label"] = np.asarray(record["label"][t : t + 1], np.float32)
@@ -178,23 +215,21 @@ def retrieval_example(
     row_offset: int,
     item_category: np.ndarray,
     rng: np.random.Generator | None,
+    with_history: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Request at position t: predict item t. With an rng, add uniform negatives (training)."""
-    gaps = user_gaps(record, spec.num_gap_buckets)
+    """Request at position t: predict item t. With an rng, add uniform negatives (training).
+
+    `with_history=False` leaves out the summarizer's window (`hist_*`), as in
+    `ranking_example`. Evaluation requests (no rng) carry `seen_item`, the protocol's history
+    window (the W events before t), which scoring excludes from the ranking.
+    """
     row, s = _joined_snapshot(record, spec, t, row_offset)
     target = np.int32(record["item"][t])
-    ex = {
-        "user": np.int32(record["user"]),
-        "row": np.int32(row),
-        "snapshot": np.int64(s),
-        "target_item": target,
-    }
-    ex |= history_arrays(record, gaps, s, spec) | recent_arrays(record, gaps, t, spec)
-    # Items seen in the protocol's history window (most recent W before t): excluded at eval.
-    ex["seen_item"] = _window(
-        record["item"], max(0, t - spec.history_window), t, spec.history_window
-    )
-    if rng is not None:
+    ex = request_inputs(record, spec, row, s, t, with_history) | {"target_item": target}
+    if rng is None:
+        w = spec.history_window
+        ex["seen_item"] = _window(record["item"], max(0, t - w), t, w)
+    else:
         negatives = rng.integers(1, spec.num_items + 1, spec.num_negatives).astype(np.int32)
         ex["cand_item"] = np.concatenate([[target], negatives]).astype(np.int32)
         ex["cand_category"] = item_category[ex["cand_item"]].astype(np.int32)

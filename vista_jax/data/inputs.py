@@ -32,29 +32,39 @@ def _train_users(data: SequenceData, hold_out_valid: bool) -> np.ndarray:
     return np.array([u for u in users if not any(is_eval_user(u, data, s) for s in held)])
 
 
-def _spec(data: SequenceData, live: bool) -> ex.ExampleSpec:
+def _spec(data: SequenceData, live: bool, with_history: bool = True) -> ex.ExampleSpec:
+    if live and not with_history:
+        raise ValueError("a live stream is for raw-history models: it needs with_history=True")
     return dataclasses.replace(data.spec, live=True) if live else data.spec
 
 
 def train_examples(
-    data: SequenceData, seed: int, live: bool = False, hold_out_valid: bool = False
+    data: SequenceData,
+    seed: int,
+    with_history: bool = True,
+    *,
+    live: bool = False,
+    hold_out_valid: bool = False,
 ) -> grain.MapDataset:
     """An endless shuffled stream of training examples (with sampled negatives/candidates).
 
-    `live`: `hist_*` ends at the request (raw-history baselines). `hold_out_valid`
-    (synthetic, with early stopping): the validation users are not trained on either; event
-    logs never train on their validation events.
+    Three readers, one stream: the source model's examples (`hist_*` is the snapshot's
+    window); `live` for the raw-history baselines (`hist_*` ends at the request); and
+    `with_history=False` for cache-fed (downstream) models: no example slices the
+    summarizer's window out of the record, and otherwise the examples are the same, draw for
+    draw. `hold_out_valid` (synthetic, with early stopping): the validation users are not
+    trained on either; event logs never train on their validation events.
     """
-    spec = _spec(data, live)
+    spec = _spec(data, live, with_history)
     if spec.requests == "every_event":
         pairs = ex.event_requests(data.lengths, data.split_bounds, "train")
         ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat()
-        return ds.map(lambda p: _event_example(data, spec, p))
+        return ds.map(lambda p: _event_example(data, spec, p, with_history))
     if spec.task == "ranking":
         ds = grain.MapDataset.source(_train_users(data, hold_out_valid)).shuffle(seed=seed).repeat()
         return ds.random_map(
             lambda u, rng: ex.ranking_example(
-                data.source[int(u)], spec, int(u), data.item_category, rng
+                data.source[int(u)], spec, int(u), data.item_category, rng, with_history
             ),
             seed=seed,
         )
@@ -68,15 +78,18 @@ def train_examples(
             int(data.row_offsets[p[0]]),
             data.item_category,
             rng,
+            with_history,
         ),
         seed=seed,
     )
 
 
-def _event_example(data: SequenceData, spec: ex.ExampleSpec, pair) -> dict[str, np.ndarray]:
+def _event_example(
+    data: SequenceData, spec: ex.ExampleSpec, pair, with_history: bool = True
+) -> dict[str, np.ndarray]:
     u, t = int(pair[0]), int(pair[1])
     offset = int(data.row_offsets[u])
-    return ex.event_example(data.source[u], spec, t, offset, data.item_category)
+    return ex.event_example(data.source[u], spec, t, offset, data.item_category, with_history)
 
 
 def num_train_requests(data: SequenceData, hold_out_valid: bool = False) -> int:
@@ -133,7 +146,7 @@ def batches(items: list, size: int, pad: bool = False) -> Iterator[dict[str, np.
         yield ex.stack(chunk)
 
 
-def model_inputs(batch: dict, drop_history: bool) -> dict:
+def model_inputs(batch: dict, drop_history: bool = False) -> dict:
     """The keys a model reads; `drop_history` leaves out the raw history (cache-fed models)."""
     skip = ("hist_",) if drop_history else ()
     return {k: v for k, v in batch.items() if not k.startswith(skip) and k not in _HOST_ONLY}

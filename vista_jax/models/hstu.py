@@ -56,36 +56,50 @@ class HSTUBlock(nnx.Module):
         # Only causal offsets i - j in [0, max_len) are ever used.
         self.position_bias = param(normal, (cfg.max_len,), (None,), rngs)
 
-    def relative_bias(self, buckets_BxTxM, start: int) -> jax.Array:
-        """Bias of queries start..start+T-1 against keys 0..M-1: [B, T, M]."""
+    def relative_bias(self, buckets_BxTxM, start: int, key_start: int = 0) -> jax.Array:
+        """Bias of queries start..start+T-1 against keys key_start..key_start+M-1: [B, T, M]."""
         rows, cols = buckets_BxTxM.shape[1:]
-        offset_TxM = start + jnp.arange(rows)[:, None] - jnp.arange(cols)[None, :]
+        offset_TxM = (start - key_start) + jnp.arange(rows)[:, None] - jnp.arange(cols)[None, :]
         position_TxM = self.position_bias[...][jnp.clip(offset_TxM, 0, self.max_len - 1)]
         return self.time_bias[...][buckets_BxTxM] + position_TxM
 
-    def attention(self, q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, buckets_BxLxL) -> jax.Array:
+    def attention(self, q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, buckets_BxLxL, window=None) -> jax.Array:
         """Causal SiLU attention, query block by query block: a block of queries ending at
-        `end` reads keys [0, end) only, which skips most of the masked upper triangle."""
+        `end` reads keys [0, end) only, which skips most of the masked upper triangle. With a
+        `window` R, query t reads only keys (t - R, t], and a block only the keys it may use."""
         outputs = []
         for start, end in causal_query_blocks(q_BxHxLxE.shape[2], self.attention_chunks):
+            lo = 0 if window is None else max(0, start - window + 1)
             scores = jnp.einsum(
-                "bhte,bhme->bhtm", q_BxHxLxE[:, :, start:end], k_BxHxLxE[:, :, :end]
+                "bhte,bhme->bhtm", q_BxHxLxE[:, :, start:end], k_BxHxLxE[:, :, lo:end]
             )
-            scores = scores + self.relative_bias(buckets_BxLxL[:, start:end, :end], start)[:, None]
-            causal_TxM = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-            weights = jnp.where(causal_TxM, jax.nn.silu(scores) / self.max_len, 0.0)
-            outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v_BxHxLxE[:, :, :end]))
+            bias = self.relative_bias(buckets_BxLxL[:, start:end, lo:end], start, lo)
+            scores = scores + bias[:, None]
+            offset_TxM = jnp.arange(start, end)[:, None] - jnp.arange(lo, end)[None, :]
+            allowed_TxM = (offset_TxM >= 0) & (offset_TxM < (window or end))
+            weights = jnp.where(allowed_TxM, jax.nn.silu(scores) / self.max_len, 0.0)
+            outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v_BxHxLxE[:, :, lo:end]))
         return jnp.concatenate(outputs, axis=2)
+
+    def split_projection(self, x_BxNxD):
+        """u, v, q, k of SiLU(LN(x) W_uvqk), each [B, N, H*width]."""
+        proj = jax.nn.silu(layer_norm(x_BxNxD, _LN_EPS) @ self.uvqk[...])
+        i1, i2, i3 = (sum(self.split_sizes[:n]) for n in (1, 2, 3))
+        return proj[..., :i1], proj[..., i1:i2], proj[..., i2:i3], proj[..., i3:]
+
+    def heads(self, t_BxNxF):  # [B, N, H*E] -> [B, H, N, E]
+        batch, length = t_BxNxF.shape[:2]
+        return t_BxNxF.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def gate_and_project(self, u_BxLxV, attended_BxHxLxE, x_BxLxD, keys) -> jax.Array:
+        """x + W_o Dropout(u * LN(attention output)) + b_o."""
+        attended = attended_BxHxLxE.transpose(0, 2, 1, 3).reshape(u_BxLxV.shape[:2] + (-1,))
+        gated_BxLxV = u_BxLxV * layer_norm(attended, _LN_EPS)
+        return x_BxLxD + self.out(dropout(gated_BxLxV, self.rate, keys()))
 
     def __call__(self, x_BxLxD, valid_BxL, buckets_BxLxL, keys):
         del valid_BxL  # Left-aligned padding is after every valid row: causality hides it.
-        batch, length, _ = x_BxLxD.shape
-        proj = jax.nn.silu(layer_norm(x_BxLxD, _LN_EPS) @ self.uvqk[...])
-        i1, i2, i3 = (sum(self.split_sizes[:n]) for n in (1, 2, 3))
-        u, v, q, k = proj[..., :i1], proj[..., i1:i2], proj[..., i2:i3], proj[..., i3:]
+        u, v, q, k = self.split_projection(x_BxLxD)
         # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
-        heads = lambda t: t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
-        attended_BxHxLxE = self.attention(heads(q), heads(k), heads(v), buckets_BxLxL)
-        attended = attended_BxHxLxE.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        gated_BxLxV = u * layer_norm(attended, _LN_EPS)
-        return x_BxLxD + self.out(dropout(gated_BxLxV, self.rate, keys()))
+        attended = self.attention(self.heads(q), self.heads(k), self.heads(v), buckets_BxLxL)
+        return self.gate_and_project(u, attended, x_BxLxD, keys)

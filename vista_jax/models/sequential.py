@@ -55,6 +55,10 @@ class SequentialConfig:
     num_recent: int = 64
     summary_layers: int = 2
     summary_heads: int = 1
+    stage2: str = "sasrec"  # VISTA stage-2 blocks: "sasrec" (softmax) or "hstu" (time-aware).
+    # "live": the retriever runs its summarizer; "cached": a downstream retriever that reads
+    # frozen summaries (from a source retriever, through a summary store) as input.
+    summary_source: str = "live"
     # Causal attention is computed in this many query blocks, each reading only the keys
     # before its end (a speed knob: 4 blocks compute 5/8 of the L x L scores; same result).
     attention_chunks: int = 4
@@ -64,6 +68,12 @@ class SequentialConfig:
             raise ValueError(f"SequentialConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.query_time not in ("next", "current"):
             raise ValueError(f"query_time must be 'next' or 'current', got {self.query_time!r}")
+        if self.stage2 not in ("sasrec", "hstu"):
+            raise ValueError(f"stage2 must be 'sasrec' or 'hstu', got {self.stage2!r}")
+        if self.summary_source not in ("live", "cached"):
+            raise ValueError(
+                f"summary_source must be 'live' or 'cached', got {self.summary_source!r}"
+            )
 
 
 def preset(name: str, num_items: int, **overrides) -> SequentialConfig:
@@ -74,6 +84,8 @@ def preset(name: str, num_items: int, **overrides) -> SequentialConfig:
         "hstu_large": dict(kind="hstu", num_blocks=8, num_heads=2, attn_dim=25, linear_dim=25),
         # SASRec-sized stage 2 over [K summary tokens; last R events] per position.
         "vista": dict(kind="vista", num_blocks=2, num_heads=1, ffn_hidden=50),
+        # HSTU-sized stage 2 (relative position and time biases) over the same tokens.
+        "vista_hstu": dict(kind="vista", stage2="hstu", num_blocks=2, num_heads=1),
     }
     if name not in presets:
         raise ValueError(f"unknown model {name!r}; use one of {sorted(presets)}")

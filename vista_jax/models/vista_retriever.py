@@ -6,9 +6,11 @@ L2-normalized tied item embeddings), in one pass over a left-aligned window of L
   stage 1  causal QLA layers scan the window in chunks of S events; the per-layer states
            after each chunk are the snapshots 0..L/S (snapshot j covers events [0, jS));
            learned seeds read each snapshot's states -> K summary tokens per snapshot.
-  stage 2  position t (which predicts event t+1) attends, SASRec-style, to the K summary
-           tokens of snapshot j(t) = (t+1) // S and to the raw events (t-R, t] (R >= S, so
-           every event before t+1 is in the summary or in the raw window; none after).
+  stage 2  position t (which predicts event t+1) attends to the K summary tokens of
+           snapshot j(t) = (t+1) // S and to the raw events (t-R, t] (R >= S, so every event
+           before t+1 is in the summary or in the raw window; none after): with SASRec blocks
+           (softmax, position only; `stage2="sasrec"`) or HSTU blocks (point-wise SiLU with
+           relative position and time biases on raw keys; `stage2="hstu"`).
 
 So stage 2 reads K + R tokens per position, whatever the history length: with the summaries
 cached, serving cost does not grow with history. With a lifelong `prefix` (the events before
@@ -31,10 +33,10 @@ import numpy as np
 from flax import nnx
 
 from vista_jax.config import SummarizerConfig
-from vista_jax.models import qla
+from vista_jax.models import hstu, qla
 from vista_jax.models.layers import rms_norm
 from vista_jax.models.sasrec import _LN_EPS, SASRecBlock
-from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm
+from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm, param
 from vista_jax.models.summarizer import SummarizerLayer
 from vista_jax.quantize import dequantize_int8, quantize_int8
 
@@ -68,6 +70,43 @@ class SummaryAttentionBlock(SASRecBlock):
         h = dropout(jax.nn.relu(self.ffn_in(y)), self.rate, keys())
         out = y + dropout(self.ffn_out(h), self.rate, keys())
         return out * valid_BxL[..., None].astype(out.dtype)
+
+
+class SummaryHSTUBlock(hstu.HSTUBlock):
+    """An HSTU block whose position t also reads the K summary tokens of snapshot (t+1)//S.
+
+    Raw keys (t-R, t] keep HSTU's relative position and time biases; summary keys have one
+    learned bias per seed slot (a summary has no single position or time). Both go through
+    the same point-wise SiLU / n, their sum is gated by u, as in `HSTUBlock`. Queries are
+    grouped by snapshot, so summary attention costs L x K scores, not L x J x K.
+    """
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.num_recent, self.snapshot_every = cfg.num_recent, cfg.snapshot_every
+        self.summary_bias = param(nnx.initializers.normal(0.02), (cfg.num_seeds,), (None,), rngs)
+
+    def summary_attention(self, q_BxHxLxE, k_BxHxJxKxE, v_BxHxJxKxE) -> jax.Array:
+        """Position t reads snapshot (t+1)//S: shift queries by one, cut into J blocks of S."""
+        b, h, length, e = q_BxHxLxE.shape
+        j, every = k_BxHxJxKxE.shape[2], self.snapshot_every
+        pad = ((0, 0), (0, 0), (1, j * every - length - 1), (0, 0))
+        q_BxHxJxSxE = jnp.pad(q_BxHxLxE, pad).reshape(b, h, j, every, e)
+        scores = jnp.einsum("bhjse,bhjke->bhjsk", q_BxHxJxSxE, k_BxHxJxKxE)
+        weights = jax.nn.silu(scores + self.summary_bias[...]) / self.max_len
+        out = jnp.einsum("bhjsk,bhjke->bhjse", weights, v_BxHxJxKxE)
+        return out.reshape(b, h, j * every, e)[:, :, 1 : length + 1]
+
+    def __call__(self, x_BxLxD, summary_BxJxKxD, buckets_BxLxL, keys):
+        u, v, q, k = self.split_projection(x_BxLxD)
+        b, j, num_seeds, d = summary_BxJxKxD.shape
+        _, v_s, _, k_s = self.split_projection(summary_BxJxKxD.reshape(b, j * num_seeds, d))
+        per_snapshot = lambda t: self.heads(t).reshape(b, self.num_heads, j, num_seeds, -1)  # noqa: E731
+        recent = self.attention(
+            self.heads(q), self.heads(k), self.heads(v), buckets_BxLxL, self.num_recent
+        )
+        summary = self.summary_attention(self.heads(q), per_snapshot(k_s), per_snapshot(v_s))
+        return self.gate_and_project(u, recent + summary, x_BxLxD, keys)
 
 
 class SnapshotSummarizer(nnx.Module):
@@ -136,7 +175,10 @@ class VistaRetriever(nnx.Module):
 
     The same interface as `SequentialEncoder`, so the retrieval harness trains either.
     `quantize_summaries` runs stage 2 on int8 summaries (one scale per token), as a model
-    reading the cache does.
+    reading the cache does. With `cfg.summary_source == "cached"` the model is a downstream
+    retriever: it has no summarizer and reads every snapshot's summary tokens from its input
+    (`summary_BxJxKxD`, read from a summary store), so it never sees the history beyond the
+    window and its cost does not depend on it.
     """
 
     def __init__(self, cfg, rngs: nnx.Rngs):
@@ -146,8 +188,10 @@ class VistaRetriever(nnx.Module):
             raise ValueError("need max_len % snapshot_every == 0 and num_recent >= snapshot_every")
         self.cfg = cfg
         self.embed = InputEmbedding(cfg, rngs)
-        self.summarizer = SnapshotSummarizer(cfg, rngs)
-        self.blocks = nnx.List([SummaryAttentionBlock(cfg, rngs) for _ in range(cfg.num_blocks)])
+        if cfg.summary_source == "live":
+            self.summarizer = SnapshotSummarizer(cfg, rngs)
+        block = SummaryHSTUBlock if cfg.stage2 == "hstu" else SummaryAttentionBlock
+        self.blocks = nnx.List([block(cfg, rngs) for _ in range(cfg.num_blocks)])
         self.quantize_summaries = False
 
     def items_table(self) -> jax.Array:
@@ -155,6 +199,19 @@ class VistaRetriever(nnx.Module):
 
     def normalized_items(self) -> jax.Array:
         return l2_normalize(self.items_table(), self.cfg.l2_eps)
+
+    def snapshot_summaries(self, x_BxLxD, valid_BxL, prefix_BxP=None) -> jax.Array:
+        """Summary tokens of every snapshot of the window (and prefix): [B, J, K, D]."""
+        if self.cfg.summary_source != "live":
+            raise ValueError("a cached-summary VistaRetriever needs summary_BxJxKxD")
+        states = self._prefix_states(prefix_BxP)
+        return self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
+
+    def summaries(self, item_BxL, prefix_BxP=None) -> jax.Array:
+        """Deterministic summaries of a batch of windows: what a summary cache stores."""
+        valid_BxL = item_BxL > 0
+        x_BxLxD = self.embed(item_BxL, valid_BxL, None)
+        return self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
 
     def _prefix_states(self, prefix_BxP):
         """Stop-gradient states of the events before the window (None without a prefix)."""
@@ -172,24 +229,37 @@ class VistaRetriever(nnx.Module):
         next_time_BxL=None,
         dropout_key=None,
         prefix_BxP=None,
+        summary_BxJxKxD=None,
     ):
-        del time_BxL, next_time_BxL  # Position and order only, as SASRec.
         keys = KeySplitter(dropout_key)
         x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
-        states = self._prefix_states(prefix_BxP)
-        summary_BxJxKxD = self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
+        if summary_BxJxKxD is None:
+            summary_BxJxKxD = self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
+        elif self.cfg.summary_source == "live":
+            raise ValueError("a live-summary VistaRetriever computes its own summaries")
         if self.quantize_summaries:
             q, scale = quantize_int8(summary_BxJxKxD)
             summary_BxJxKxD = dequantize_int8(q, scale)
-        b, j, k, d = summary_BxJxKxD.shape
-        summary_BxNxD = summary_BxJxKxD.reshape(b, j * k, d)
-        mask = stage2_mask(item_BxL.shape[1], self.cfg.snapshot_every, k, self.cfg.num_recent)
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, summary_BxNxD, mask, valid_BxL, keys)
+        if self.cfg.stage2 == "hstu":  # Time-aware, as HSTU: time_BxL is then required.
+            query_BxL = next_time_BxL if self.cfg.query_time == "next" else time_BxL
+            buckets = hstu.time_buckets(query_BxL, time_BxL, self.cfg.num_time_buckets)
+            for block in self.blocks:
+                x_BxLxD = block(x_BxLxD, summary_BxJxKxD, buckets, keys)
+        else:  # Position and order only, as SASRec.
+            b, j, k, d = summary_BxJxKxD.shape
+            summary_BxNxD = summary_BxJxKxD.reshape(b, j * k, d)
+            mask = stage2_mask(item_BxL.shape[1], self.cfg.snapshot_every, k, self.cfg.num_recent)
+            for block in self.blocks:
+                x_BxLxD = block(x_BxLxD, summary_BxNxD, mask, valid_BxL, keys)
         return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"summary": summary_BxJxKxD}
 
-    def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None):
+    def encode_last(
+        self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, prefix_BxP=None,
+        summary_BxJxKxD=None,
+    ):  # fmt: skip
         from vista_jax.models.sequential import at_last_valid  # noqa: PLC0415 (import cycle)
 
-        user_BxLxD, _ = self(item_BxL, valid_BxL, time_BxL, next_time_BxL, prefix_BxP=prefix_BxP)
+        user_BxLxD, _ = self(
+            item_BxL, valid_BxL, time_BxL, next_time_BxL, None, prefix_BxP, summary_BxJxKxD
+        )
         return at_last_valid(user_BxLxD, valid_BxL)

@@ -1,0 +1,134 @@
+"""Snapshot summaries of a VISTA retriever in the summary store, for downstream retrievers.
+
+A source `VistaRetriever` (live summaries) writes, for every row of the leave-one-out splits
+(train rows, then valid requests, then test requests), the summary tokens of all J snapshots
+of that row's window (and lifelong prefix) to one `SummaryStore` version: store row r holds
+[J*K, D], int8 with one scale per token. A downstream retriever (`summary_source="cached"`)
+reads them back (`attach`) as each split's `summary` field [U, J, K, D], so it trains and
+evaluates without the summarizer and without any event before its window.
+
+The version's config hash is the fingerprint of what a reader must match: the rows (their
+windows' items and prefix), J, K, D. Reading splits built differently (another window, prefix,
+`train_on_valid`, data) is refused with the mismatch named; the source run that made the
+summaries is the version's lineage (`coverage_info`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+from flax import nnx
+
+from vista_jax import fingerprints
+from vista_jax.data import sequences
+from vista_jax.errors import DataError
+from vista_jax.store import SummaryStore
+from vista_jax.store_write import RowBlock
+
+SPLITS = ("train", "valid", "test")
+
+
+def fingerprint(splits: sequences.SequenceSplits, num_snapshots: int, k: int, d: int) -> dict:
+    """What a cached reader must match: the rows' inputs, split sizes and summary shape."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        split = getattr(splits, name)
+        for field in ("item", "prefix"):
+            if field in split:
+                digest.update(np.ascontiguousarray(split[field], np.int32).tobytes())
+    return {
+        "rows": {name: len(getattr(splits, name)["item"]) for name in SPLITS},
+        "window": splits.window,
+        "prefix_len": int(splits.train["prefix"].shape[1]) if "prefix" in splits.train else 0,
+        "num_snapshots": num_snapshots,
+        "num_seeds": k,
+        "d_model": d,
+        "inputs_sha256": digest.hexdigest()[:16],
+    }
+
+
+def _row_blocks(model, splits, batch_size: int) -> Iterator[RowBlock]:
+    summarize = nnx.jit(lambda m, item, prefix: m.summaries(item, prefix))
+    offset = 0
+    for name in SPLITS:
+        split = getattr(splits, name)
+        for batch, n in sequences.eval_batches(split, batch_size):
+            summary_BxJxKxD = np.asarray(summarize(model, batch["item"], batch.get("prefix")))
+            b, j, k, d = summary_BxJxKxD.shape
+            coverage = np.sum(batch["item"][:n] > 0, axis=1)
+            if "prefix" in batch:
+                coverage += np.sum(batch["prefix"][:n] > 0, axis=1)
+            rows = np.arange(offset, offset + n)
+            yield RowBlock(rows, summary_BxJxKxD[:n].reshape(n, j * k, d), coverage)
+            offset += n
+
+
+def export(
+    model,
+    splits: sequences.SequenceSplits,
+    root,
+    *,
+    version: str,
+    step: int,
+    source: dict,
+    batch_size: int = 256,
+) -> dict:
+    """Writes every split row's snapshot summaries as one store version; returns its manifest.
+
+    `source` (e.g. the source run's model, flags and commit) is stored as lineage.
+    """
+    cfg = model.cfg
+    num_snapshots = cfg.max_len // cfg.snapshot_every + 1
+    fp = fingerprint(splits, num_snapshots, cfg.num_seeds, cfg.d_model)
+    num_rows = sum(fp["rows"].values())
+    return SummaryStore.write_version(
+        root,
+        version=version,
+        summaries=_row_blocks(model, splits, batch_size),
+        num_rows=num_rows,
+        config_hash=fingerprints.config_hash(fp),
+        summarizer_step=step,
+        coverage_info={"fingerprint": fp, "source": source},
+    )
+
+
+def attach(
+    splits: sequences.SequenceSplits, root, num_snapshots: int, k: int, d: int, version=None
+) -> sequences.SequenceSplits:
+    """`splits` with each split's `summary` [U, J, K, D] (dequantized) read from the store.
+
+    Refuses a version made from other rows or shapes, and any row the version lacks.
+    """
+    fp = fingerprint(splits, num_snapshots, k, d)
+    store = SummaryStore.open(root, version=version)  # Its errors name the root and a fix.
+    stored = store.manifest.get("coverage_info", {}).get("fingerprint", {})
+    if store.manifest["config_hash"] != fingerprints.config_hash(fp):
+        diff = {key: (stored.get(key), v) for key, v in fp.items() if stored.get(key) != v}
+        raise DataError(
+            f"summary cache {store.version!r} at {root} was made for other rows or shapes; "
+            f"differences (cache, these splits): {diff}. Fix: export the cache from a source "
+            "run with the same data, --window, --prefix_len, --train_on_valid, "
+            "--snapshot_every and --num_seeds, or run with those"
+        )
+    out, offset = {}, 0
+    for name in SPLITS:
+        split = getattr(splits, name)
+        n = len(split["item"])
+        read = store.read(np.arange(offset, offset + n))
+        if not read.present.all():
+            missing = offset + np.flatnonzero(~read.present)[:5]
+            raise DataError(
+                f"summary cache {store.version!r} at {root} lacks {int((~read.present).sum())} "
+                f"{name} rows (store rows {missing.tolist()}...). Fix: re-export the cache"
+            )
+        out[name] = split | {"summary": read.summaries.reshape(n, num_snapshots, k, d)}
+        offset += n
+    return dataclasses.replace(splits, **out)
+
+
+def summary_shape(cfg) -> tuple[int, int, int]:
+    """(J, K, D) of a retriever config's summaries."""
+    return cfg.max_len // cfg.snapshot_every + 1, cfg.num_seeds, cfg.d_model
