@@ -108,6 +108,52 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, split="test"))
+    # Off here; the ranking configs turn it on with one rule for every model.
+    c.early_stopping = ml_collections.ConfigDict(
+        dict(eval_every=0, patience=3, metric="auc", max_requests=0, min_delta=0.0)
+    )
+    # Raw-history ranking baselines (comma-separated names; "" = none).
+    c.baselines = ml_collections.ConfigDict(dict(models="", top_k=64, chunk_size=1024))
+    return c
+
+
+def event_ranking(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
+    """Turns an event-log config into the ranking task (docs/PROTOCOLS.md §2): every event is
+    a request for its own item, labelled by `label` or rating >= positive_rating, split by a
+    global time cutoff; every model trained with the same early stopping."""
+    c.data.update(
+        task="ranking",
+        positive_rating=4.0,  # label = rating >= 4 when the log has no `label` column.
+        split="global_time",  # Or per_user: each user's last events.
+        valid_fraction=0.1,
+        test_fraction=0.1,  # The latest 10% of events; validation the 10% before them.
+        # The raw history a request reads (and a summary covers): ML-1M users have up to
+        # 2,314 ratings; 1024 covers all but the longest histories.
+        history_window=1024,
+        num_recent=32,
+        snapshot_every=32,  # A cache row every 32 events; the 32 recent events cover the gap.
+        max_eval_users=0,
+    )
+    del c.data["num_negatives"]  # Retrieval only.
+    c.summarizer.update(d_model=48, num_heads=2, num_layers=2, num_seeds=32, chunk_size=128)
+    # One cross-attention block, as the one-layer raw-history baselines have.
+    c.ranker.update(d_model=48, num_heads=2, num_layers=1, mlp_hidden=96)
+    # num_steps is a cap: early stopping ends each model when validation AUC stops rising.
+    c.source = training(batch_size=256, num_steps=20000, learning_rate=1e-3)
+    c.downstream = training(batch_size=256, num_steps=20000, learning_rate=1e-3)
+    c.early_stopping.update(eval_every=500, patience=3, metric="auc", max_requests=20000)
+    c.baselines.update(models="full_attention,sim_hard,twin", top_k=64, chunk_size=256)
+    c.eval.update(split="test", batch_size=256)
+    if tiny:  # Smoke run: a few minutes on 2 CPU cores for a 100k-event log.
+        c.data.update(history_window=64, num_recent=16, snapshot_every=16, max_eval_users=50)
+        c.summarizer.update(d_model=16, num_seeds=4, chunk_size=32)
+        c.ranker.update(d_model=16, mlp_hidden=32)
+        c.source = training(batch_size=64, num_steps=120, learning_rate=3e-3)
+        c.downstream = training(batch_size=64, num_steps=120, learning_rate=3e-3)
+        c.early_stopping.update(eval_every=30, patience=2, max_requests=500)
+        c.baselines.update(top_k=16, chunk_size=32)
+        c.eval.batch_size = 128
+        c.cache.batch_size = 256
     return c
 
 

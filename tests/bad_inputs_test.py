@@ -397,6 +397,25 @@ CONFIG_CASES = [
                overrides=(("data.num_users", 5),)),
     ConfigCase("time_unit", ("data.time_unit",), experiment="ml1m",
                overrides=(("data.time_unit", "minutes"),)),
+    ConfigCase("positive_rating_above_scale", ("data.positive_rating", "(1, 5]"),
+               variant="ranking", experiment="eventlog",
+               overrides=(("data.positive_rating", 6.0),)),
+    ConfigCase("positive_rating_at_scale_bottom", ("data.positive_rating",),
+               variant="ranking", experiment="eventlog",
+               overrides=(("data.positive_rating", 1.0),)),
+    ConfigCase("split_typo", ("data.split", "'per_user'"), variant="ranking",
+               experiment="eventlog", overrides=(("data.split", "peruser"),)),
+    ConfigCase("fractions_leave_no_training", ("data.valid_fraction", "data.test_fraction"),
+               variant="ranking", experiment="eventlog",
+               overrides=(("data.valid_fraction", 0.5), ("data.test_fraction", 0.5))),
+    ConfigCase("task_typo", ("data.task", "'ranking'"), variant="ranking",
+               experiment="eventlog", overrides=(("data.task", "rank"),)),
+    ConfigCase("early_stopping_metric", ("early_stopping.metric", "'auc'"), variant="ranking",
+               experiment="eventlog", overrides=(("early_stopping.metric", "acu"),)),
+    ConfigCase("baseline_typo", ("baselines.models", "'twin'"), variant="ranking",
+               experiment="eventlog", overrides=(("baselines.models", "twn"),)),
+    ConfigCase("early_stopping_on_retrieval", ("early_stopping.eval_every", "ranking"),
+               variant=None, experiment="ml1m", overrides=(("early_stopping.eval_every", 5),)),
 ]  # fmt: skip
 
 
@@ -441,6 +460,36 @@ def test_derived_values_follow_overrides():
     config.source.num_steps = 200
     typed = from_config_dict(config)
     assert typed.source.checkpoint_every == 100 and typed.source.warmup_steps == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Event-log ranking data: a label per event, three non-empty time splits
+# ---------------------------------------------------------------------------------------------
+
+RANKING_DATA_CASES = [  # (id, CSV text, overrides, what the message names)
+    ("no_label_no_rating", "user,item,timestamp\n" + "".join(
+        f"{u},{i},{10 * i + u}\n" for u in range(3) for i in range(1, 11)), (),
+     ("`label` column", "`rating` column", "data.task=retrieval")),
+    # The last 2 events of every user share one timestamp: 20% of the log, tied, so the test
+    # cutoff takes them all and the validation cutoff lands on the same time.
+    ("empty_validation_split", "user,item,timestamp,rating\n" + "".join(
+        f"{u},{i},{i if i <= 8 else 100},4\n" for u in range(3) for i in range(1, 11)), (),
+     ("valid", "empty", "split=per_user")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RANKING_DATA_CASES, ids=lambda case: case[0])
+def test_bad_event_ranking_data(tmp_path, case):
+    _, text, overrides, names = case
+    path = tmp_path / "events.csv"
+    path.write_text(text)
+    config = eventlog_config.get_config("ranking,tiny")
+    config.data.path = str(path)
+    for key, value in overrides:
+        config.data[key] = value
+    with pytest.raises(UserError) as error:
+        pipeline.train_and_evaluate(config, tmp_path / "work", "train_source")
+    check_message(error.value, DataError, [str(path), *names])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +642,8 @@ def test_results_carry_provenance(trained):
     _, workdir = trained
     results = json.loads((workdir / "results.json").read_text())
     prov = results["provenance"]
-    assert prov["seed"] == 0 and prov["steps"] == {"source": 4, "downstream": 2}
+    assert prov["seed"] == 0 and prov["max_steps"] == {"source": 4, "downstream": 2}
+    assert prov["command"] and prov["wall_s"] >= 0
     assert prov["config"]["summarizer"]["num_seeds"] == 16
     assert set(prov["stages"]) == set(pipeline.STAGES)
     assert all(s["wall_s"] >= 0 for s in prov["stages"].values())

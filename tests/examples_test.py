@@ -126,11 +126,15 @@ def test_examples_without_history_are_the_same_examples_minus_the_window():
     }
     ranking = ex.ExampleSpec(task="ranking", history_window=20, num_recent=4, train_candidates=5)
 
+    events = ex.dataclasses.replace(ranking, requests="every_event", snapshot_every=8)
+    labelled = record | {"label": np.ones(len(record["item"]), np.float32)}
+
     def examples(with_history):  # Same seeds: the same sampled candidates and negatives.
         rng = np.random.default_rng
         return [
             ex.ranking_example(record, ranking, 0, ITEM_CATEGORY, rng(1), with_history),
             ex.retrieval_example(record, SPEC, 7, 3, ITEM_CATEGORY, rng(2), with_history),
+            ex.event_example(labelled, events, 29, 5, ITEM_CATEGORY, with_history),
         ]
 
     for full, cache_fed in zip(examples(True), examples(False), strict=True):

@@ -1,6 +1,7 @@
 """Input wiring on a built dataset: who is in which split, and a quiet stdout."""
 
 import numpy as np
+import pytest
 
 from experiments.eventlog import config as eventlog_config
 from vista_jax import pipeline
@@ -32,6 +33,10 @@ def test_short_users_are_left_out_of_validation_and_test(tmp_path, capsys):
     train_users = {int(stream[i]["user"]) for i in range(50)}
     assert train_users == {0, 2}
     assert np.all(data.lengths == [5, 2, 6])
+    # Raw-history (live) streams exist to carry the window; a cache-fed one never slices it.
+    assert not any(k.startswith("hist_") for k in inputs.train_examples(data, 0, False)[0])
+    with pytest.raises(ValueError, match="live"):
+        inputs.train_examples(data, 0, with_history=False, live=True)
 
 
 def test_data_build_entry_point(tmp_path):

@@ -99,7 +99,9 @@ def test_downstream_batches_carry_no_long_history_and_train_on_the_same_inputs(t
     cache_fed = iter(pipeline.downstream_batches(typed, data, store))
     # What the downstream ranker trained on before its examples dropped the window: the
     # same stream with the summarizer's input, dropped on the way to the device.
-    before = inputs.train_examples(data, typed.seed + 1).batch(typed.downstream.batch_size)
+    before = inputs.train_examples(
+        data, typed.seed + 1, hold_out_valid=typed.early_stopping.enabled
+    ).batch(typed.downstream.batch_size)
     for old in itertools.islice(iter(before), 3):
         new = next(cache_fed)
         assert not [k for k in new if k.startswith("hist_")] and new["summary_mask"].all()

@@ -145,6 +145,63 @@ class EvalConfig:
     split: str  # valid | test
 
 
+EARLY_STOPPING_METRICS = {"auc": 1.0, "logloss": -1.0}  # Metric -> sign (higher is better).
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """One rule for every trained model, so a gap between models is information, not budget.
+
+    Every `eval_every` steps the model is scored on (up to `max_requests` of) the validation
+    requests; the best step is kept, and training stops after `patience` passes without
+    improvement (or at `num_steps`, the cap). `eval_every = 0` turns it off: the last step is
+    the model.
+    """
+
+    eval_every: int = 0
+    patience: int = 3
+    metric: str = "auc"  # One of EARLY_STOPPING_METRICS.
+    max_requests: int = 0  # Validation requests per pass, evenly spaced (0 = all).
+    min_delta: float = 0.0  # An improvement smaller than this does not count.
+
+    def __post_init__(self):
+        if self.metric not in EARLY_STOPPING_METRICS:
+            raise ConfigError(
+                _choice("early_stopping.metric", self.metric, tuple(EARLY_STOPPING_METRICS))
+            )
+        if self.eval_every < 0 or self.max_requests < 0 or self.min_delta < 0:
+            raise ConfigError(
+                "config keys 'early_stopping.eval_every', 'max_requests' and 'min_delta' must "
+                "be >= 0. Fix: pass --config.early_stopping.eval_every=N with N >= 0"
+            )
+        _positive("early_stopping", patience=self.patience)
+
+    @property
+    def enabled(self) -> bool:
+        return self.eval_every > 0
+
+
+BASELINES = ("full_attention", "sim_hard", "twin")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesConfig:
+    """Raw-history ranking baselines trained in the same harness (`pipeline.train_baselines`).
+
+    Their width, heads and MLP come from `ranker`; they read the W events before the request.
+    """
+
+    models: tuple[str, ...] = BASELINES  # Any of BASELINES, trained in this order.
+    top_k: int = 64  # SIM-hard and TWIN: history events kept by the search stage.
+    chunk_size: int = 1024  # Events per scan step (full attention, SIM/TWIN search).
+
+    def __post_init__(self):
+        for name in self.models:
+            if name not in BASELINES:
+                raise ConfigError(_choice("baselines.models", name, BASELINES))
+        _positive("baselines", top_k=self.top_k, chunk_size=self.chunk_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one run needs, typed and validated."""
@@ -158,6 +215,8 @@ class ExperimentConfig:
     cache: CacheConfig
     mesh: MeshConfig
     eval: EvalConfig
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    baselines: BaselinesConfig = BaselinesConfig(models=())
 
     def summarizer_for(self, data: datasets.SequenceData) -> SummarizerConfig:
         return dataclasses.replace(
@@ -248,9 +307,10 @@ def _train(section: str, given: Mapping) -> TrainConfig:
     return TrainConfig(**given)
 
 
-_DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir")
+_DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir", "task")
 _DATA_RANKING = ("train_candidates", "eval_every")
 _DATA_RETRIEVAL = ("path", "snapshot_every", "num_negatives", "max_eval_users")
+_DATA_EVENT_RANKING = ("positive_rating", "split", "valid_fraction", "test_fraction")
 
 
 def _data(given: Mapping) -> datasets.DataConfig:
@@ -258,21 +318,65 @@ def _data(given: Mapping) -> datasets.DataConfig:
     kind = given.get("kind")
     if kind not in datasets.KINDS:
         raise ConfigError(_choice("data.kind", kind, datasets.KINDS))
+    if given.get("task", "") not in ("", *datasets.TASKS):
+        raise ConfigError(_choice("data.task", given["task"], datasets.TASKS))
     if kind == "synthetic":
+        if given.get("task", "ranking") != "ranking":
+            raise ConfigError(
+                "config key 'data.task' must be 'ranking' for synthetic data (its requests "
+                "carry labelled candidates). Fix: drop --config.data.task"
+            )
         generator = [n for n in _fields(SyntheticConfig) if n != "num_recent"]
         _check_keys("data", given, _DATA_COMMON + _DATA_RANKING + tuple(generator))
         syn = {k: given.pop(k) for k in generator if k in given}
         synthetic = SyntheticConfig(num_recent=given["num_recent"], **syn)
         return datasets.DataConfig(synthetic=synthetic, **given)
     options = tuple(_fields(EventLogOptions))
-    _check_keys("data", given, _DATA_COMMON + _DATA_RETRIEVAL + options)
+    _check_keys("data", given, _DATA_COMMON + _DATA_RETRIEVAL + _DATA_EVENT_RANKING + options)
     opts = {k: given.pop(k) for k in options if k in given}
     if "rating_scale" in opts:
         opts["rating_scale"] = tuple(opts["rating_scale"])
-    return datasets.DataConfig(log_options=EventLogOptions(**opts), **given)
+    data = datasets.DataConfig(log_options=EventLogOptions(**opts), **given)
+    if data.task == "ranking":
+        _check_event_ranking(data)
+    return data
+
+
+def _check_event_ranking(data: datasets.DataConfig) -> None:
+    """The split and the label threshold of event-log ranking make sense."""
+    if data.split not in datasets.SPLITS:
+        raise ConfigError(_choice("data.split", data.split, datasets.SPLITS))
+    low, high = data.log_options.rating_scale
+    if not low < data.positive_rating <= high:
+        raise ConfigError(
+            f"config key 'data.positive_rating' ({data.positive_rating:g}) is outside the "
+            f"rating scale ({low:g}, {high:g}]: every rating would be labelled the same. "
+            f"Fix: pass --config.data.positive_rating=R with {low:g} < R <= {high:g}, or set "
+            "--config.data.rating_scale to the log's scale"
+        )
+    fractions = (data.valid_fraction, data.test_fraction)
+    if min(fractions) <= 0 or sum(fractions) >= 1:
+        raise ConfigError(
+            f"config keys 'data.valid_fraction' ({data.valid_fraction}) and "
+            f"'data.test_fraction' ({data.test_fraction}) must each be > 0 and sum to < 1 "
+            "(the rest is training). Fix: e.g. --config.data.valid_fraction=0.1"
+        )
+    _positive("data", snapshot_every=data.snapshot_every)
 
 
 _TOP = ("seed", "data", "summarizer", "ranker", "source", "downstream", "cache", "mesh", "eval")
+_TOP_OPTIONAL = ("early_stopping", "baselines")  # Off / none when absent.
+
+
+def _baselines(given: Mapping) -> BaselinesConfig:
+    given = dict(given)
+    if "models" in given:
+        models = given["models"]
+        # A flag gives one string: "twin" or "sim_hard,twin".
+        given["models"] = (
+            tuple(filter(None, models.split(","))) if isinstance(models, str) else tuple(models)
+        )
+    return _section(BaselinesConfig, "baselines", given)
 
 
 def from_config_dict(config) -> ExperimentConfig:
@@ -280,7 +384,7 @@ def from_config_dict(config) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
         return config
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    _check_keys("", raw, _TOP, _TOP)
+    _check_keys("", raw, _TOP + _TOP_OPTIONAL, _TOP)
     zero_vocab = {"num_items": 0, "num_categories": 0}  # Filled in by summarizer_for/ranker_for.
     cfg = ExperimentConfig(
         seed=int(raw["seed"]),
@@ -294,7 +398,24 @@ def from_config_dict(config) -> ExperimentConfig:
         cache=_section(CacheConfig, "cache", raw["cache"]),
         mesh=_section(MeshConfig, "mesh", raw["mesh"]),
         eval=_section(EvalConfig, "eval", raw["eval"]),
+        early_stopping=_section(
+            EarlyStoppingConfig, "early_stopping", raw.get("early_stopping", {})
+        ),
+        baselines=_baselines(raw.get("baselines", {"models": ()})),
     )
+    if cfg.data.task == "retrieval" and (cfg.early_stopping.enabled or cfg.baselines.models):
+        raise ConfigError(
+            "config keys 'early_stopping.eval_every' and 'baselines.models' apply to the "
+            "ranking task only (retrieval selects by epoch in experiments/ml1m/"
+            "train_sequential.py). Fix: set --config.data.task=ranking, or "
+            "--config.early_stopping.eval_every=0 and --config.baselines.models=''"
+        )
+    if cfg.data.kind == "synthetic" and cfg.early_stopping.enabled and cfg.data.eval_every < 3:
+        raise ConfigError(
+            f"config key 'data.eval_every' ({cfg.data.eval_every}) must be >= 3 with early "
+            "stopping on synthetic data: users u % eval_every == 0 are test, == 1 validation, "
+            "the rest train. Fix: --config.data.eval_every=5"
+        )
     if cfg.cache.quantization not in QUANTIZATIONS:
         raise ConfigError(_choice("cache.quantization", cfg.cache.quantization, QUANTIZATIONS))
     if cfg.eval.split not in EVAL_SPLITS:

@@ -8,8 +8,10 @@ target itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import time
 from collections.abc import Callable, Iterable
 
 import jax
@@ -22,16 +24,18 @@ from vista_jax.data.datasets import SequenceData
 RETRIEVAL_KS = (10, 50, 200)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, batch):
+    """One compile per model structure and batch shape, reused by every validation pass."""
+    logits, _ = nnx.merge(graphdef, params)(batch)
+    return logits
+
+
 def jitted_forward(model: nnx.Module) -> Callable[[dict], jax.Array]:
-    """`batch -> logits` of `model`, jitted once (parameters are arguments, not constants)."""
+    """`batch -> logits` of `model`, jitted (parameters are arguments, not constants; the
+    compile is shared by every model of the same structure and batch shape)."""
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def forward(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch)
-        return logits
-
-    return lambda batch: forward(params, batch)
+    return lambda batch: _forward(graphdef, params, batch)
 
 
 def predict_batches(model: nnx.Module, batches: Iterable[dict], to_device=lambda b: b):
@@ -48,14 +52,28 @@ def score(data: SequenceData, model, batches: Iterable[dict], prep: Callable) ->
 
 
 def score_ranking(model, batches, prep) -> dict[str, float]:
+    """AUC, log loss, NE over every unmasked candidate, and the scoring speed.
+
+    `requests_per_s` counts requests (rows with a candidate) scored per second of model
+    forward passes after the first batch, so the compile is not in it (nan with one batch).
+    """
     labels, logits, masks = [], [], []
+    timed_requests, t0 = 0, None
     for batch, out in predict_batches(model, batches, prep):
+        if t0 is None:
+            t0 = time.monotonic()
+        else:
+            timed_requests += int(np.any(batch["cand_mask"], axis=1).sum())
         labels.append(batch["cand_label"])
         logits.append(out)
         masks.append(batch["cand_mask"])
-    return metrics.binary_metrics(
+    seconds = time.monotonic() - t0 if t0 is not None else 0.0
+    out = metrics.binary_metrics(
         np.concatenate(labels), np.concatenate(logits), np.concatenate(masks)
     )
+    out["num_requests"] = int(sum(np.any(m, axis=1).sum() for m in masks))
+    out["requests_per_s"] = timed_requests / seconds if timed_requests else float("nan")
+    return out
 
 
 def history_exclusion(seen_item_BxW: np.ndarray, target_B: np.ndarray, num_items: int):
@@ -89,27 +107,59 @@ def score_retrieval(data: SequenceData, model, batches, prep) -> dict[str, float
     return metrics.ranking_metrics(np.concatenate(ranks), ks=RETRIEVAL_KS)
 
 
+TABLE_SKIP = ("num_requests", "count", "base_rate")  # Shown in the header, not per model.
+
+
 def results_table(results: dict) -> str:
-    """The printed table: a header naming split and request count, then a row per model."""
-    names = [k for k in next(iter(results["models"].values())) if k != "num_requests"]
+    """The printed table: a header naming split and request count, then a row per model.
+
+    Columns are the scalar metrics; a model's training record (`train`) adds its epochs and
+    training examples/s.
+    """
+    first = next(iter(results["models"].values()))
+    names = [k for k, v in first.items() if k not in TABLE_SKIP and not isinstance(v, dict)]
+    extra = (
+        ("epochs", "examples_per_s")
+        if any("train" in m for m in results["models"].values())
+        else ()
+    )
     lines = [
         f"{results['split']} split, {results['num_requests']} requests, cache "
         f"{results['cache']['version']} ({results['cache']['quantization']})",
-        f"{'model':<24} " + " ".join(f"{n:>8}" for n in names),
+        f"{'model':<24} " + " ".join(f"{n[:14]:>14}" for n in names + list(extra)),
     ]
-    show = lambda v: f"{int(v):>8d}" if float(v).is_integer() and abs(v) > 1 else f"{v:>8.4f}"  # noqa: E731
+
+    def show(v):
+        if v is None:
+            return f"{'-':>14}"
+        v = float(v)
+        return f"{v:>14.0f}" if abs(v) >= 100 or (v.is_integer() and abs(v) > 1) else f"{v:>14.4f}"
+
     for model, m in results["models"].items():
-        lines.append(f"{model:<24} " + " ".join(show(m[n]) for n in names))
+        train = m.get("train", {})
+        cells = [show(m.get(n)) for n in names] + [show(train.get(n)) for n in extra]
+        lines.append(f"{model:<24} " + " ".join(cells))
     if "oracle_auc" in results:
         lines.append(f"{'oracle':<24} {results['oracle_auc']:>8.4f}")
     return "\n".join(lines)
+
+
+def json_safe(obj):
+    """NaN and infinities become null: strict JSON readers (and report scripts) accept it."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def write_json(path, obj) -> None:
     """Written whole, then renamed: a reader never sees a half-written file."""
     path = pathlib.Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, default=float))
     tmp.replace(path)
 
 

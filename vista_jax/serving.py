@@ -27,6 +27,7 @@ from vista_jax.data.datasets import SequenceData
 from vista_jax.errors import CheckpointError, RequestError
 from vista_jax.models.ranker import Ranker
 from vista_jax.store import SummaryStore, SummaryStoreError
+from vista_jax.train import model_dir
 
 RECENT_KEYS = ("recent_item", "recent_action", "recent_gap", "recent_len")
 FALLBACKS = ("recent_only", "masked")  # How users without a summary are scored.
@@ -217,7 +218,8 @@ def _check_lineage(store: SummaryStore, index: ServingIndex, meta: dict, directo
 
 def _restore(config: ExperimentConfig, index: ServingIndex, directory, dim: int) -> Ranker:
     ranker = pipeline.build_ranker(config, index, dim, 0)
-    checkpoints.restore_module(directory, "ranker", ranker)
+    # The step evaluate scores: the validation-selected one (best/) under early stopping.
+    checkpoints.restore_module(model_dir(directory), "ranker", ranker)
     return ranker
 
 

@@ -5,6 +5,10 @@ r"""VISTA on MovieLens-1M under the HSTU retrieval protocol (docs/PROTOCOLS.md).
   python run.py --config=experiments/ml1m/config.py:tiny --workdir=/tmp/vista_ml1m_tiny
 
 `:tiny` is a smoke run on ML-100K (RecBole atomic files under $VISTA_DATA_DIR/ml-100k).
+`:ranking` is the event-log ranking task on ML-1M (label = rating >= 4, time split; every
+model early-stopped on validation AUC; docs/PROTOCOLS.md §2), `:ranking,tiny` on ML-100K:
+
+  python run.py --config=experiments/ml1m/config.py:ranking --workdir=/tmp/vista_ml1m_rank
 
 Leave-one-out per user (last event test, second-to-last validation), the most recent 200
 events as the history window, every item in the catalog scored with the history excluded;
@@ -26,7 +30,7 @@ def default_path(name: str) -> str:
 
 
 def get_config(arg: str | None = None):
-    arg = common.parse_arg(arg, tiny=False)
+    arg = common.parse_arg(arg, tiny=False, ranking=False)
     c = common.base_config()
     c.data = dict(
         kind="movielens_1m",
@@ -50,6 +54,11 @@ def get_config(arg: str | None = None):
     c.source = common.training(batch_size=128, num_steps=3000, learning_rate=1e-3)
     c.downstream = common.training(batch_size=128, num_steps=3000, learning_rate=1e-3)
     c.eval.update(split="test", batch_size=32)
+    if arg.ranking:
+        common.event_ranking(c, arg.tiny)
+        if arg.tiny:
+            c.data.kind, c.data.path = "recbole_atomic", default_path("ml-100k")
+        return c
     if arg.tiny:  # Smoke run on ML-100K (same file family, 10x smaller).
         c.data.kind, c.data.path = "recbole_atomic", default_path("ml-100k")
         c.data.snapshot_every = 64

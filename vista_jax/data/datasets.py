@@ -5,6 +5,10 @@
   movielens_1m    -- GroupLens ML-1M directory (`ratings.dat`, optional `movies.dat`)
   recbole_atomic  -- RecBole atomic files (`<name>.inter`, optional `<name>.item`)
   table           -- CSV/Parquet with `user,item,timestamp[,rating|label][,category]`
+
+`config.data.task` is `ranking` (synthetic: one request after each history; event logs: every
+event is a request whose one candidate is its item, labelled by the `label` column or
+`rating >= positive_rating`, split by time) or `retrieval` (event logs, leave-one-out).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from vista_jax.data import loaders, synthetic
 from vista_jax.data.eventlog import EventLogOptions
-from vista_jax.data.examples import ExampleSpec, snapshot_positions
+from vista_jax.data.examples import EVENT_SPLITS, ExampleSpec, event_requests, snapshot_positions
 from vista_jax.data.tfds_builders import (
     build_sequence_dataset,
     event_log_fingerprint,
@@ -26,9 +30,12 @@ from vista_jax.data.tfds_builders import (
     read_sequence_dataset,
     read_sequence_metadata,
 )
+from vista_jax.errors import DataError
 from vista_jax.fingerprints import config_hash
 
 KINDS = ("synthetic", *loaders.LOADERS)
+TASKS = ("ranking", "retrieval")
+SPLITS = ("global_time", "per_user")  # How event-log ranking requests are split.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,23 +47,35 @@ class DataConfig:
     """
 
     kind: str  # One of KINDS.
-    history_window: int  # W: events a summary covers.
+    history_window: int  # W: events a summary (or a baseline's raw history) covers.
     num_recent: int  # R: raw recent events stage 2 reads.
     data_dir: str = ""  # Where built tfds datasets live ("" = <workdir>/data).
+    task: str = ""  # One of TASKS; "" = ranking for synthetic data, retrieval for event logs.
     # Ranking (synthetic):
     synthetic: synthetic.SyntheticConfig | None = None
     train_candidates: int = 0  # Candidates sampled per training request (0 = all).
     eval_every: int = 0  # Users u with u % eval_every == 0 are held out.
-    # Retrieval (event logs):
+    # Event logs (both tasks):
     path: str = ""
     log_options: EventLogOptions | None = None
     snapshot_every: int = 0  # A cache row every S events (0 = one per user).
+    max_eval_users: int = 0  # Evaluate the requests of the first N users only (0 = all).
+    # Retrieval (event logs):
     num_negatives: int = 0  # Uniform negatives per training request.
-    max_eval_users: int = 0  # Evaluate the first N users only (0 = all).
+    # Ranking (event logs): label = `label` column, else rating >= positive_rating.
+    positive_rating: float = 4.0
+    split: str = "global_time"  # One of SPLITS (docs/PROTOCOLS.md §2).
+    valid_fraction: float = 0.1  # Share of events in the validation split.
+    test_fraction: float = 0.1  # Share of events in the test split (the latest ones).
+
+    def __post_init__(self):
+        if not self.task:
+            object.__setattr__(self, "task", "ranking" if self.kind == "synthetic" else "retrieval")
 
     @property
-    def task(self) -> str:
-        return "ranking" if self.kind == "synthetic" else "retrieval"
+    def every_event(self) -> bool:
+        """Event-log ranking: every event is a request (synthetic has one per user)."""
+        return self.task == "ranking" and self.kind != "synthetic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +91,8 @@ class SequenceData:
     item_category: np.ndarray  # [I+1] category of each item (0 unknown / padding)
     row_offsets: np.ndarray  # [U+1]: cache rows of user u are row_offsets[u]:row_offsets[u+1]
     fingerprint: str
+    # Event-log ranking only: user u's events [0, b0) train, [b0, b1) validate, [b1, n) test.
+    split_bounds: np.ndarray | None = None  # int64 [U, 2]
 
     @property
     def num_categories(self) -> int:
@@ -116,12 +137,18 @@ def _build_tfds(data_cfg: DataConfig, data_dir) -> tuple[pathlib.Path, str]:
         )
     else:
         log = loaders.load_event_log(data_cfg.kind, data_cfg.path, data_cfg.log_options)
-        fingerprint = event_log_fingerprint(log, kind=data_cfg.kind)
+        labels = None
+        settings = {"kind": data_cfg.kind}
+        if data_cfg.task == "ranking":
+            labels = event_labels(log, data_cfg)
+            settings |= {"task": "ranking", "positive_rating": data_cfg.positive_rating}
+        fingerprint = event_log_fingerprint(log, **settings)
         path = build_sequence_dataset(
             "vista_event_log",
-            lambda: event_log_records(log),
+            lambda: event_log_records(log, labels),
             data_dir,
             fingerprint=fingerprint,
+            with_labels=labels is not None,
             metadata={
                 "num_items": log.num_items,
                 "num_users": log.num_users,
@@ -131,12 +158,35 @@ def _build_tfds(data_cfg: DataConfig, data_dir) -> tuple[pathlib.Path, str]:
     return path, fingerprint
 
 
+def event_labels(log, data_cfg: DataConfig) -> np.ndarray:
+    """Binary label of every event (float32 [N]): the `label` column, else rating >= threshold.
+
+    `data_cfg.positive_rating` was checked against the rating scale at the config boundary.
+    """
+    if log.label is not None:
+        return np.asarray(log.label, np.float32)
+    if log.rating is not None:
+        return (np.asarray(log.rating) >= data_cfg.positive_rating).astype(np.float32)
+    raise DataError(
+        f"{data_cfg.path}: the ranking task needs a label for every event, but the log has "
+        "neither a `label` column (0/1) nor a `rating` column (label = rating >= "
+        f"data.positive_rating, here {data_cfg.positive_rating:g}). Fix: add one of the two "
+        "columns, or run the retrieval task (--config.data.task=retrieval)."
+    )
+
+
 def _read(data_cfg: DataConfig, path, fingerprint: str) -> SequenceData:
     meta = read_sequence_metadata(path)
     source = read_sequence_dataset(path)
-    lengths = np.array([len(source[u]["item"]) for u in range(len(source))])
+    records = [source[u] for u in range(len(source))]
+    lengths = np.array([len(r["item"]) for r in records])
+    split_bounds = None
+    if data_cfg.every_event:
+        split_bounds = _split_bounds([r["time"] for r in records], data_cfg)
+        _check_splits(lengths, split_bounds, data_cfg)
     spec = ExampleSpec(
         task=data_cfg.task,
+        requests="every_event" if data_cfg.every_event else "after_history",
         history_window=data_cfg.history_window,
         num_recent=data_cfg.num_recent,
         snapshot_every=data_cfg.snapshot_every,
@@ -155,4 +205,47 @@ def _read(data_cfg: DataConfig, path, fingerprint: str) -> SequenceData:
         item_category=np.asarray(meta["item_category"], np.int32),
         row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         fingerprint=fingerprint,
+        split_bounds=split_bounds,
     )
+
+
+def _split_bounds(times: list[np.ndarray], data_cfg: DataConfig) -> np.ndarray:
+    """[U, 2] first validation and first test position of each user's (time-sorted) events.
+
+    `global_time`: the cutoffs are the times of the events that start the last
+    `test_fraction` and the `valid_fraction` before it, over all events; an event at or after
+    a cutoff time is on its far side, so events sharing a timestamp never straddle it.
+    `per_user`: each user's last round(test_fraction * n) events test, the
+    round(valid_fraction * n) before them validation (rounded half up).
+    """
+    if data_cfg.split == "per_user":
+        n = np.array([len(t) for t in times], np.int64)
+        n_test = np.floor(n * data_cfg.test_fraction + 0.5).astype(np.int64)
+        n_valid = np.floor(n * data_cfg.valid_fraction + 0.5).astype(np.int64)
+        return np.stack([n - n_test - n_valid, n - n_test], 1).clip(0)
+    every = np.sort(np.concatenate(times))
+    total = len(every)
+    first_test = total - int(np.floor(total * data_cfg.test_fraction + 0.5))
+    first_valid = first_test - int(np.floor(total * data_cfg.valid_fraction + 0.5))
+    # An empty side (a fraction rounding to no event) gets a cutoff after the last event.
+    after_last = (every[-1] + 1) if total else 0
+    cut = [every[max(i, 0)] if i < total else after_last for i in (first_valid, first_test)]
+    return np.array(
+        [[np.searchsorted(t, c, side="left") for c in cut] for t in times], np.int64
+    ).reshape(-1, 2)
+
+
+def _check_splits(lengths: np.ndarray, bounds: np.ndarray, data_cfg: DataConfig) -> None:
+    """Refuses a split with no request, naming the counts and what to change."""
+    counts = dict(zip(EVENT_SPLITS, (len(event_requests(lengths, bounds, s)) for s in EVENT_SPLITS),
+                      strict=True))  # fmt: skip
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise DataError(
+            f"{data_cfg.path}: the {data_cfg.split} split of {int(lengths.sum())} events leaves "
+            f"the {' and '.join(empty)} split(s) empty (requests per split: {counts}; "
+            f"valid_fraction={data_cfg.valid_fraction}, test_fraction={data_cfg.test_fraction}). "
+            "A global time cutoff puts every event that shares the cutoff's timestamp on its "
+            "later side. Fix: use a log with more events or distinct timestamps, raise "
+            "--config.data.valid_fraction / test_fraction, or try --config.data.split=per_user."
+        )

@@ -6,11 +6,19 @@ label. The last R events before t (fresher than the snapshot) go to stage 2 raw.
 at fixed positions per user, so the cache holds one row per (user, snapshot) and both the
 source model (which summarizes on the fly) and a cache-fed ranker see exactly the same inputs.
 
-Two tasks:
-  * `ranking`   (synthetic): one request per user after its whole history, C labelled
-                candidates; the snapshot covers the whole history.
+Three kinds of request:
+  * `ranking`, `after_history` (synthetic): one request per user after its whole history, C
+                labelled candidates; the snapshot covers the history up to the last R events.
+  * `ranking`, `every_event` (event logs): every event t is a request whose one candidate is
+                its item, with its label; the split is by time (`event_requests`).
   * `retrieval` (HSTU leave-one-out protocol): request t predicts the item at t; training
                 requests are t in [1, n-3], validation n-2, test n-1.
+
+A `live` spec (the raw-history baselines: full target attention, SIM-hard, TWIN) puts the
+snapshot at the request itself, so `hist_*` holds the W events right before the request.
+Examples built `with_history=False` (a cache-fed model's training stream) carry no `hist_*`
+at all: the long-history window is sliced only for the models that read it
+(`request_inputs`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ class ExampleSpec:
     task: str  # "ranking" or "retrieval"
     history_window: int  # W: events a summary covers (bounded by the data, not the model).
     num_recent: int  # R
+    requests: str = "after_history"  # Ranking: "after_history" (synthetic) or "every_event".
+    live: bool = False  # The snapshot is the request itself (raw-history models, no cache).
     snapshot_every: int = 0  # Retrieval: a snapshot every S events (0 = only at the end).
     num_negatives: int = 128  # Retrieval training: uniform negatives per request.
     train_candidates: int = 0  # Ranking training: candidates sampled per request (0 = all).
@@ -49,8 +59,10 @@ def window_gaps(record, start: int, end: int, num_gap_buckets: int) -> np.ndarra
 
 def snapshot_positions(n: int, spec: ExampleSpec) -> np.ndarray:
     """Snapshot positions of a user with n events (ascending; a row of the cache each)."""
-    if spec.task == "ranking":
+    if spec.task == "ranking" and spec.requests == "after_history":
         return np.array([n - spec.num_recent])
+    if spec.task == "ranking":  # Every event is a request: a snapshot every S events.
+        return np.arange(0, max(n, 1), spec.snapshot_every or max(n, 1))
     # Retrieval: every S events, and one at n-2 so validation/test join the freshest summary.
     step = spec.snapshot_every or max(n, 1)
     return np.unique(np.concatenate([np.arange(0, n - 1, step), [max(n - 2, 0)]]))
@@ -96,6 +108,22 @@ def recent_arrays(record, t: int, spec: ExampleSpec) -> dict[str, np.ndarray]:
     }
 
 
+def request_inputs(
+    record, spec: ExampleSpec, row: int, s: int, t: int, with_history: bool
+) -> dict[str, np.ndarray]:
+    """What every request at t carries: its ids, the summarizer's window for the snapshot at s
+    (`hist_*`, only `with_history`) and the last R raw events before t.
+
+    The one switch between the two kinds of reader: models that summarize or attend to the
+    raw history (the source model, the `live` baselines) need `hist_*`; a cache-fed model
+    must not read it (`with_history=False`: no event before the recent window is sliced).
+    """
+    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
+    if with_history:
+        ex |= history_arrays(record, user_gaps(record, spec.num_gap_buckets), s, spec)
+    return ex | recent_arrays(record, t, spec)
+
+
 def ranking_example(
     record,
     spec: ExampleSpec,
@@ -111,11 +139,8 @@ def ranking_example(
     the summarizer's window (`hist_*`): a cache-fed model reads the cache row instead.
     """
     n = len(record["item"])
-    s = n - spec.num_recent
-    ex = {"user": np.int32(record["user"]), "row": np.int32(row), "snapshot": np.int64(s)}
-    if with_history:
-        ex |= history_arrays(record, user_gaps(record, spec.num_gap_buckets), s, spec)
-    ex |= recent_arrays(record, n, spec)
+    s = n if spec.live else n - spec.num_recent
+    ex = request_inputs(record, spec, row, s, n, with_history)
     keep = slice(None)
     if rng is not None and spec.train_candidates:
         keep = rng.choice(len(record["cand_item"]), spec.train_candidates, replace=False)
@@ -126,6 +151,61 @@ def ranking_example(
     if "cand_prob" in record:
         ex["cand_prob"] = np.asarray(record["cand_prob"], np.float32)[keep]
     return ex
+
+
+def _joined_snapshot(record, spec: ExampleSpec, t: int, row_offset: int) -> tuple[int, int]:
+    """(cache row, snapshot position) a request at t reads; live: (-1, t), no cache row."""
+    if spec.live:
+        return -1, t
+    positions = snapshot_positions(len(record["item"]), spec)
+    idx = snapshot_for(t, positions)
+    return row_offset + idx, int(positions[idx])
+
+
+def event_example(
+    record,
+    spec: ExampleSpec,
+    t: int,
+    row_offset: int,
+    item_category: np.ndarray,
+    with_history: bool = True,
+) -> dict[str, np.ndarray]:
+    """Event-log ranking request at position t: one candidate, the item at t, with its label.
+
+    The history is the user's events strictly before t (the summary up to the joined
+    snapshot, the last R raw); the event's own action (its rating) is never an input.
+    `with_history=False` leaves out the summarizer's window, as in `ranking_example`.
+    """
+    row, s = _joined_snapshot(record, spec, t, row_offset)
+    item = np.asarray(record["item"][t : t + 1], np.int32)
+    ex = request_inputs(record, spec, row, s, t, with_history)
+    ex["cand_item"] = item
+    ex["cand_category"] = item_category[item].astype(np.int32)
+    ex["cand_label"] = np.asarray(record["label"][t : t + 1], np.float32)
+    ex["cand_mask"] = np.ones(1, bool)
+    return ex
+
+
+EVENT_SPLITS = ("train", "valid", "test")
+
+
+def event_requests(lengths: np.ndarray, bounds: np.ndarray, split: str) -> np.ndarray:
+    """(user, t) pairs of an event-log ranking split, int64 [P, 2], in user then time order.
+
+    `bounds[u] = (b0, b1)`: user u's events [0, b0) are training requests, [b0, b1)
+    validation and [b1, n) test (see `datasets._split_bounds`).
+    """
+    if split not in EVENT_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {EVENT_SPLITS}")
+    lengths = np.asarray(lengths, np.int64)
+    edges = np.concatenate([np.zeros((len(lengths), 1), np.int64), bounds, lengths[:, None]], 1)
+    col = EVENT_SPLITS.index(split)
+    start, stop = edges[:, col], np.maximum(edges[:, col + 1], edges[:, col])
+    counts = stop - start
+    user = np.repeat(np.arange(len(lengths)), counts)
+    first = np.cumsum(counts) - counts
+    t = np.arange(len(user)) - np.repeat(first, counts) + np.repeat(start, counts)
+    return np.stack([user, t], 1).astype(np.int64)
 
 
 def retrieval_example(
@@ -143,19 +223,9 @@ def retrieval_example(
     `ranking_example`. Evaluation requests (no rng) carry `seen_item`, the protocol's history
     window (the W events before t), which scoring excludes from the ranking.
     """
-    positions = snapshot_positions(len(record["item"]), spec)
-    idx = snapshot_for(t, positions)
-    s = int(positions[idx])
+    row, s = _joined_snapshot(record, spec, t, row_offset)
     target = np.int32(record["item"][t])
-    ex = {
-        "user": np.int32(record["user"]),
-        "row": np.int32(row_offset + idx),
-        "snapshot": np.int64(s),
-        "target_item": target,
-    }
-    if with_history:
-        ex |= history_arrays(record, user_gaps(record, spec.num_gap_buckets), s, spec)
-    ex |= recent_arrays(record, t, spec)
+    ex = request_inputs(record, spec, row, s, t, with_history) | {"target_item": target}
     if rng is None:
         w = spec.history_window
         ex["seen_item"] = _window(record["item"], max(0, t - w), t, w)

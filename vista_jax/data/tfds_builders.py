@@ -34,6 +34,7 @@ SPLIT = "train"  # One split holding every user; train/eval splits are made per 
 DEFAULT_VERSION = "1.0.0"
 EVENT_FIELDS = {"item": np.int32, "action": np.int32, "time": np.int64, "category": np.int32}
 CANDIDATE_FIELDS = {"cand_item": np.int32, "cand_label": np.float32, "cand_prob": np.float32}
+LABEL_FIELDS = {"label": np.float32}  # Event-log ranking: the binary label of every event.
 
 Record = Mapping[str, Any]
 RecordsFactory = Callable[[], Iterable[Record]]
@@ -46,27 +47,44 @@ class SequenceDatasetError(DataError):
     """A bad record or dataset request: says what was wrong, where, and how to fix it."""
 
 
-def sequence_features(with_candidates: bool) -> tfds.features.FeaturesDict:
-    """The tfds features of one per-user record (synthetic data adds candidates)."""
-    columns = dict(EVENT_FIELDS, **(CANDIDATE_FIELDS if with_candidates else {}))
+def _field_groups(with_candidates: bool, with_labels: bool = False) -> list[dict]:
+    """Groups of per-event arrays of one record; arrays in a group share one length."""
+    events = EVENT_FIELDS | (LABEL_FIELDS if with_labels else {})
+    return [events, CANDIDATE_FIELDS] if with_candidates else [events]
+
+
+def sequence_features(with_candidates: bool, with_labels: bool = False):
+    """The tfds features of one per-user record (synthetic data adds candidates; event-log
+    ranking adds a label per event)."""
+    columns = {
+        k: v for group in _field_groups(with_candidates, with_labels) for k, v in group.items()
+    }
     features = {"user": tfds.features.Tensor(shape=(), dtype=np.int64)}
     for key, dtype in columns.items():
         features[key] = tfds.features.Tensor(shape=(None,), dtype=dtype)
     return tfds.features.FeaturesDict(features)
 
 
-def event_log_records(log: EventLog) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one record per dense user, in user order, so record `u` is user `u`."""
+def event_log_records(
+    log: EventLog, labels: np.ndarray | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields one record per dense user, in user order, so record `u` is user `u`.
+
+    `labels` ([N], in the log's event order) adds a `label` array to every record.
+    """
     offsets = log.user_offsets
     for user in range(log.num_users):
         events = slice(int(offsets[user]), int(offsets[user + 1]))
-        yield {
+        record = {
             "user": np.int64(user),
             "item": log.item[events],
             "action": log.action[events],
             "time": log.time[events],
             "category": log.category[events],
         }
+        if labels is not None:
+            record["label"] = labels[events]
+        yield record
 
 
 def event_log_fingerprint(log: EventLog, **settings: Any) -> str:
@@ -81,17 +99,20 @@ def event_log_fingerprint(log: EventLog, **settings: Any) -> str:
     return digest.hexdigest()
 
 
-def _checked_record(index: int, record: Record, with_candidates: bool) -> dict[str, Any]:
+def _checked_record(
+    index: int, record: Record, with_candidates: bool, with_labels: bool = False
+) -> dict[str, Any]:
     """Casts a record to the feature dtypes and checks its keys and lengths."""
-    expected = {"user", *EVENT_FIELDS, *(CANDIDATE_FIELDS if with_candidates else ())}
+    groups = _field_groups(with_candidates, with_labels)
+    expected = {"user"} | {k for group in groups for k in group}
     if set(record) != expected:
         raise SequenceDatasetError(
             f"record {index}: keys {sorted(record)} differ from {sorted(expected)}; "
             "yield exactly the per-user record fields (docs/ARCHITECTURE.md), with candidates "
-            "only when with_candidates=True."
+            "only when with_candidates=True and labels only when with_labels=True."
         )
     checked = {"user": np.int64(record["user"])}
-    for group in (EVENT_FIELDS, CANDIDATE_FIELDS) if with_candidates else (EVENT_FIELDS,):
+    for group in groups:
         arrays = {key: np.asarray(record[key], dtype) for key, dtype in group.items()}
         lengths = {key: a.shape for key, a in arrays.items()}
         if len(set(lengths.values())) != 1 or any(len(s) != 1 for s in lengths.values()):
@@ -108,9 +129,12 @@ class _SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version(DEFAULT_VERSION)
 
-    def __init__(self, *, records_factory, with_candidates, metadata, description, **kwargs):
+    def __init__(
+        self, *, records_factory, with_candidates, with_labels, metadata, description, **kwargs
+    ):
         self._records_factory = records_factory
         self._with_candidates = with_candidates
+        self._with_labels = with_labels
         self._metadata = dict(metadata)
         self._description = description
         super().__init__(**kwargs)
@@ -119,7 +143,7 @@ class _SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self._description,
-            features=sequence_features(self._with_candidates),
+            features=sequence_features(self._with_candidates, self._with_labels),
             metadata=tfds.core.MetadataDict(self._metadata),
             disable_shuffling=True,  # Record u must stay user u.
         )
@@ -130,7 +154,7 @@ class _SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self):
         for index, record in enumerate(self._records_factory()):
-            yield index, _checked_record(index, record, self._with_candidates)
+            yield index, _checked_record(index, record, self._with_candidates, self._with_labels)
 
 
 def _builder_class(name: str, fingerprint: str, version: str) -> type[_SequenceBuilder]:
@@ -153,6 +177,7 @@ def build_sequence_dataset(
     version: str = DEFAULT_VERSION,
     metadata: Mapping[str, Any] | None = None,
     with_candidates: bool = False,
+    with_labels: bool = False,
     description: str = "",
 ) -> pathlib.Path:
     """Writes one array_record record per user unless the same dataset exists; returns its dir.
@@ -167,6 +192,7 @@ def build_sequence_dataset(
       metadata: JSON-able facts to keep with the data (e.g. num_items); see
         `read_sequence_metadata`. Ignored when an existing dataset is reused.
       with_candidates: records also carry `cand_item`, `cand_label` and `cand_prob`.
+      with_labels: records also carry `label`, one per event (event-log ranking).
       description: free text stored in the dataset info.
     """
     if not _DATASET_NAME.match(name):
@@ -178,6 +204,7 @@ def build_sequence_dataset(
     builder = _builder_class(name, fingerprint, version)(
         records_factory=records_factory,
         with_candidates=with_candidates,
+        with_labels=with_labels,
         metadata=metadata or {},
         description=description,
         config=fingerprint,

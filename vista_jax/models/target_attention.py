@@ -10,6 +10,11 @@ per candidate and head a running max `m`, denominator `l` and numerator `acc`:
 so memory is O(C * chunk) however long the history (1M events fit), and the result equals
 the plain softmax. `FullTargetAttentionRanker` embeds events inside the scan too, so not even
 the [L, D] history embeddings are ever materialized.
+
+Two-stage baselines (`sim.py`, `twin.py`) subclass it: a search stage keeps k history events
+per candidate (`chunked_top_k`, the same scan), then `attend_gathered` attends to those k.
+Each form has a dense reference here (`target_attention_reference` with a per-candidate mask,
+`FullTargetAttentionRanker.attend_reference`) that the tests compare against.
 """
 
 from __future__ import annotations
@@ -86,11 +91,48 @@ def target_attention_chunked(q, k, v, valid, chunk_size: int = 1024) -> jax.Arra
 
 
 def target_attention_reference(q, k, v, valid) -> jax.Array:
-    """Plain masked softmax over all keys at once (O(C * L) memory): the reference."""
+    """Plain masked softmax over all keys at once (O(C * L) memory): the reference.
+
+    `valid` is [B, L] (every candidate reads the same keys) or [B, C, L] (per candidate).
+    """
+    mask_BxHxCxL = valid[:, None, None, :] if valid.ndim == 2 else valid[:, None, :, :]
     logits = jnp.einsum("bche,blhe->bhcl", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    logits = jnp.where(valid[:, None, None, :], logits, _NEG)
-    weights = jax.nn.softmax(logits, axis=-1) * jnp.any(valid, axis=-1)[:, None, None, None]
+    logits = jnp.where(mask_BxHxCxL, logits, _NEG)
+    any_key = jnp.any(mask_BxHxCxL, axis=-1, keepdims=True)
+    weights = jax.nn.softmax(logits, axis=-1) * any_key
     return jnp.einsum("bhcl,blhe->bche", weights, v)
+
+
+def chunked_top_k(score_fn, xs: tuple, k: int, chunk_size: int, num_cand: int):
+    """Top-k history positions per candidate by `score_fn`, scanning the history in chunks.
+
+    `xs` are [B, L, ...] history arrays (the last one the validity mask [B, L]);
+    `score_fn(pos_T, *chunk_of_each_x) -> [B, C, T]` scores one chunk, -inf for an excluded
+    event. Memory is O(C * (k + chunk)) at any L. Returns (scores [B, C, k], positions
+    [B, C, k] int32); a slot with score -inf holds no event (fewer than k qualified). Ties go
+    to the earlier position, as with one `lax.top_k` over the whole history.
+    """
+    b, length = xs[0].shape[:2]
+    t = max(1, min(chunk_size, length))
+    chunks = tuple(None if x is None else _chunks(x, t) for x in xs)
+    starts = jnp.arange(-(-length // t), dtype=jnp.int32) * t
+    init = (
+        jnp.full((b, num_cand, k), -jnp.inf, jnp.float32),
+        jnp.full((b, num_cand, k), -1, jnp.int32),
+    )
+
+    def body(carry, inp):
+        start, *chunk = inp
+        pos_T = start + jnp.arange(t, dtype=jnp.int32)
+        scores = jnp.concatenate([carry[0], score_fn(pos_T, *chunk)], -1)
+        positions = jnp.concatenate(
+            [carry[1], jnp.broadcast_to(pos_T, scores.shape[:2] + (t,))], -1
+        )
+        top, which = jax.lax.top_k(scores, k)
+        return (top, jnp.take_along_axis(positions, which, -1)), None
+
+    (top, positions), _ = jax.lax.scan(body, init, (starts, *chunks))
+    return top, positions
 
 
 class FullTargetAttentionRanker(nnx.Module):
@@ -102,9 +144,9 @@ class FullTargetAttentionRanker(nnx.Module):
     Returns (logits [B, C], {"attended": [B, C, D]}).
     """
 
-    def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs, chunk_size: int = 4096):
+    def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs, chunk_size: int = 4096, top_k: int = 0):
         d = cfg.d_model
-        self.num_heads, self.chunk_size = cfg.num_heads, chunk_size
+        self.num_heads, self.chunk_size, self.top_k = cfg.num_heads, chunk_size, top_k
         self.events = EventEmbedding(
             cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, cfg.num_categories, d, rngs
         )
@@ -126,15 +168,65 @@ class FullTargetAttentionRanker(nnx.Module):
         x = self.kv_norm(self.events(item, action, gap, category))
         return self._heads(self.key(x)), self._heads(self.value(x))
 
+    def _null_kv(self, b: int, e_shape) -> tuple[jax.Array, jax.Array]:
+        """The learned null key and value, [B, 1, H, E] each."""
+        return tuple(jnp.broadcast_to(self._heads(n), (b, 1) + e_shape) for n in self.null[...])
+
+    def _history_ids(self, batch) -> tuple:
+        """(item, action, gap, category or None) [B, L] of the raw history."""
+        return (batch["hist_item"], batch["hist_action"], batch["hist_gap"],
+                batch.get("hist_category"))  # fmt: skip
+
+    def _history_valid(self, batch) -> jax.Array:
+        return jnp.arange(batch["hist_item"].shape[1])[None] < batch["hist_len"][:, None]
+
+    def attend_gathered(self, q_BxCxHxE, batch, positions_BxCxK, selected_BxCxK) -> jax.Array:
+        """Each candidate attends to [null; its own k history events] (the second stage).
+
+        `positions` index the history; `selected` marks the slots that hold an event.
+        """
+        b = q_BxCxHxE.shape[0]
+
+        def gather(x_BxL):
+            x_BxCxL = jnp.broadcast_to(
+                x_BxL[:, None], (b, positions_BxCxK.shape[1]) + x_BxL.shape[1:]
+            )
+            return jnp.take_along_axis(x_BxCxL, jnp.maximum(positions_BxCxK, 0), axis=2)
+
+        ids = [None if x is None else gather(x) for x in self._history_ids(batch)]
+        k, v = self._keys_values(*ids)  # [B, C, K, H, E]
+        null_k, null_v = (x[:, :, None] for x in self._null_kv(b, q_BxCxHxE.shape[2:]))
+        c = q_BxCxHxE.shape[1]
+        k = jnp.concatenate([jnp.broadcast_to(null_k, (b, c) + null_k.shape[2:]), k], 2)
+        v = jnp.concatenate([jnp.broadcast_to(null_v, (b, c) + null_v.shape[2:]), v], 2)
+        valid = jnp.concatenate([jnp.ones((b, c, 1), bool), selected_BxCxK], 2)
+        scale = 1.0 / jnp.sqrt(q_BxCxHxE.shape[-1]).astype(jnp.float32)
+        logits = jnp.einsum("bche,bckhe->bhck", q_BxCxHxE, k) * scale
+        logits = jnp.where(valid[:, None], logits, _NEG)
+        weights = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bhck,bckhe->bche", weights, v)
+
+    def attend_reference(self, q_BxCxHxE, batch, keep_BxCxL=None) -> jax.Array:
+        """Dense softmax over [null; the history events `keep` marks] (all valid ones if None)."""
+        k, v = self._keys_values(*self._history_ids(batch))
+        b, c = q_BxCxHxE.shape[:2]
+        null_k, null_v = self._null_kv(b, q_BxCxHxE.shape[2:])
+        valid = self._history_valid(batch)
+        keep = valid[:, None] if keep_BxCxL is None else keep_BxCxL & valid[:, None]
+        keep = jnp.concatenate(
+            [jnp.ones((b, c, 1), bool), jnp.broadcast_to(keep, (b, c, valid.shape[1]))], 2
+        )
+        k, v = jnp.concatenate([null_k, k], 1), jnp.concatenate([null_v, v], 1)
+        return target_attention_reference(q_BxCxHxE, k, v, keep)
+
     def attend(self, q_BxCxHxE, batch) -> jax.Array:
         """Online softmax over [null; history], embedding each chunk inside the scan."""
         item = batch["hist_item"]
         b, length = item.shape
         t = max(1, min(self.chunk_size, length))
-        valid = jnp.arange(length)[None] < batch["hist_len"][:, None]
+        valid = self._history_valid(batch)
         null_valid = jnp.ones((b, 1), bool)
-        null_k, null_v = (jnp.broadcast_to(self._heads(n), (b, 1) + q_BxCxHxE.shape[2:])
-                          for n in self.null[...])  # fmt: skip
+        null_k, null_v = self._null_kv(b, q_BxCxHxE.shape[2:])
         carry = fold_chunk(empty_carry(q_BxCxHxE), q_BxCxHxE, null_k, null_v, null_valid)
 
         def body(carry, xs):
