@@ -130,9 +130,10 @@ class Progress:
         if self.dir is None or not (self.dir / "progress.json").exists():
             return state, None
         meta = json.loads((self.dir / "progress.json").read_text())
-        if meta["flags"] != self.flags:
-            diff = {k: (meta["flags"].get(k), v) for k, v in self.flags.items()
-                    if meta["flags"].get(k) != v}  # fmt: skip
+        # A flag added since the save compares as its default (the save ran without it).
+        saved = {k: meta["flags"].get(k, FLAGS[k].default) for k in self.flags}
+        if saved != self.flags:
+            diff = {k: (saved[k], v) for k, v in self.flags.items() if saved[k] != v}
             raise app.UsageError(
                 f"{self.dir} holds a run with other flags (saved, now): {diff}. "
                 "Fix: rerun with the saved flags or use another --resume_dir"
