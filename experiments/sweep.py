@@ -46,7 +46,7 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these points (names as in points
 _METRIC = flags.DEFINE_string("metric", "auc", "The metric plotted against the swept value.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
 
-STAGE_ORDER = tuple(pipeline.STAGES)  # train_source, build_cache, train_ranker, evaluate
+STAGE_ORDER = tuple(pipeline.STAGES)  # The pipeline's stages, in order.
 USER_ERROR_EXIT = 2
 
 
