@@ -80,9 +80,7 @@ def export(
 
     `source` (e.g. the source run's model, flags and commit) is stored as lineage.
     """
-    cfg = model.cfg
-    num_snapshots = cfg.max_len // cfg.snapshot_every + 1
-    fp = fingerprint(splits, num_snapshots, cfg.num_seeds, cfg.d_model)
+    fp = fingerprint(splits, *summary_shape(model.cfg))
     num_rows = sum(fp["rows"].values())
     return SummaryStore.write_version(
         root,

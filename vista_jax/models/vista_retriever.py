@@ -102,10 +102,11 @@ class SummaryHSTUBlock(hstu.HSTUBlock):
         b, j, num_seeds, d = summary_BxJxKxD.shape
         _, v_s, _, k_s = self.split_projection(summary_BxJxKxD.reshape(b, j * num_seeds, d))
         per_snapshot = lambda t: self.heads(t).reshape(b, self.num_heads, j, num_seeds, -1)  # noqa: E731
+        q_BxHxLxE = self.heads(q)
         recent = self.attention(
-            self.heads(q), self.heads(k), self.heads(v), buckets_BxLxL, self.num_recent
+            q_BxHxLxE, self.heads(k), self.heads(v), buckets_BxLxL, self.num_recent
         )
-        summary = self.summary_attention(self.heads(q), per_snapshot(k_s), per_snapshot(v_s))
+        summary = self.summary_attention(q_BxHxLxE, per_snapshot(k_s), per_snapshot(v_s))
         return self.gate_and_project(u, recent + summary, x_BxLxD, keys)
 
 
