@@ -15,8 +15,11 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import nnx
 
 from vista_jax.config import SummarizerConfig
 from vista_jax.data import examples as ex
@@ -151,6 +154,27 @@ def snapshot_rows(data: SequenceData) -> Iterator[tuple[int, int, int, dict]]:
                 last_time,
                 ex.history_arrays(record, gaps, s, data.spec),
             )
+
+
+def summarize_fn(summarizer) -> Callable[[dict], tuple]:
+    """`summarize(hist) -> (summary [B,K,D], per-layer states or None)`: the frozen
+    summarizer, jitted, over the `hist_*` fields of `ex.history_arrays` (stacked)."""
+    graphdef, params = nnx.split(summarizer)
+
+    @jax.jit
+    def summarize(params, hist):
+        valid = jnp.arange(hist["hist_item"].shape[1])[None] < hist["hist_len"][:, None]
+        model = nnx.merge(graphdef, params)
+        summary, aux = model(
+            hist["hist_item"],
+            hist["hist_action"],
+            hist["hist_gap"],
+            valid,
+            category=hist["hist_category"],
+        )
+        return summary, aux["states"]
+
+    return lambda hist: summarize(params, hist)
 
 
 def row_event_times(last_time, coverage) -> np.ndarray:

@@ -309,7 +309,7 @@ def _train(section: str, given: Mapping) -> TrainConfig:
 
 _DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir", "task")
 _DATA_RANKING = ("train_candidates", "eval_every")
-_DATA_RETRIEVAL = ("path", "snapshot_every", "num_negatives", "max_eval_users")
+_DATA_RETRIEVAL = ("path", "delta_path", "snapshot_every", "num_negatives", "max_eval_users")
 _DATA_EVENT_RANKING = ("positive_rating", "split", "valid_fraction", "test_fraction")
 
 

@@ -6,6 +6,7 @@
                                                                                 recent_only/
   train_baselines  raw history -> full target attention, SIM-hard, TWIN       -> <name>/
   evaluate         every model on the held-out requests                       -> results.json
+  refresh_cache    (only when asked) data.delta_path folded into the cache     -> cache/
 
 Each stage reads only what earlier stages wrote; `train_ranker` never loads the summarizer.
 Every trained model runs under the same early-stopping rule (`config.early_stopping`) and
@@ -22,12 +23,10 @@ import sys
 import time
 
 import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vista_jax import cache, checkpoints, evaluation, metrics, sharding
+from vista_jax import cache, checkpoints, evaluation, metrics, refresh, sharding
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.data import datasets, inputs
 from vista_jax.data import examples as ex
@@ -41,7 +40,10 @@ from vista_jax.models.target_attention import FullTargetAttentionRanker
 from vista_jax.models.twin import TwinRanker
 from vista_jax.train import fit, model_dir
 
-MODES = ("train_source", "build_cache", "train_ranker", "train_baselines", "evaluate", "all")
+MODES = (
+    "train_source", "build_cache", "train_ranker", "train_baselines", "evaluate", "all",
+    "refresh_cache",
+)  # fmt: skip
 RANKERS = ("downstream", "recent_only")  # Trained by train_ranker, each in its own dir.
 BASELINE_MODELS = {  # Trained by train_baselines, each in the directory of its name.
     "full_attention": FullTargetAttentionRanker,
@@ -150,26 +152,11 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
     summarizer = Summarizer(scfg, nnx.Rngs(0))
     source_dir = model_dir(_dir(workdir, "source"))  # The validation-selected step.
     step = checkpoints.restore_module(source_dir, "summarizer", summarizer)
-    graphdef, params = nnx.split(summarizer)
-
-    @jax.jit
-    def summarize(params, hist):
-        valid = jnp.arange(hist["hist_item"].shape[1])[None] < hist["hist_len"][:, None]
-        model = nnx.merge(graphdef, params)
-        summary, aux = model(
-            hist["hist_item"],
-            hist["hist_action"],
-            hist["hist_gap"],
-            valid,
-            category=hist["hist_category"],
-        )
-        return summary, aux["states"]
-
     version = f"v{step:08d}-{int(time.time())}"
     manifest = cache.SummaryStore.write_version(
         cache.cache_root(workdir),
         version=version,
-        summaries=cache.row_blocks(data, lambda h: summarize(params, h), config.cache.batch_size),
+        summaries=cache.row_blocks(data, cache.summarize_fn(summarizer), config.cache.batch_size),
         num_rows=data.num_rows,
         config_hash=cache.cache_hash(scfg, data),
         summarizer_step=step,
@@ -372,6 +359,8 @@ STAGES = {
     "train_baselines": train_baselines,
     "evaluate": evaluate,
 }
+# Run only when asked (not by "all"): fold config.data.delta_path into the cache in place.
+MAINTENANCE = {"refresh_cache": refresh.refresh_cache}
 
 
 def check_workdir(workdir) -> None:
@@ -424,7 +413,7 @@ def train_and_evaluate(config, workdir, mode: str = "all") -> dict | None:
     for name in todo:
         t0 = time.monotonic()
         _log(f"== {name} ==")
-        result = STAGES[name](config, workdir, data)
+        result = (STAGES | MAINTENANCE)[name](config, workdir, data)
         _record_stage(workdir, name, time.monotonic() - t0)
         _log(f"== {name} done in {time.monotonic() - t0:.1f}s ==")
     if "evaluate" not in todo:

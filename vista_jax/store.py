@@ -58,11 +58,23 @@ from vista_jax.store_layout import (
     read_current,
     read_current_stamped,
     read_manifest,
+    read_stamped,
     refuse_conflicting,
     retained,
     root_spec,
     version_prefix,
     write_current,
+    write_if,
+)
+from vista_jax.store_refresh import (
+    MappedRows,
+    carried_segments,
+    check_segments,
+    compose,
+    merge,
+    own_segments,
+    referenced_prefixes,
+    version_map,
 )
 from vista_jax.store_rows import ROW_ARRAY, RowReader, record_dtype, unpack
 from vista_jax.store_write import (
@@ -71,7 +83,9 @@ from vista_jax.store_write import (
     as_blocks,
     build_clock,
     manifest_or_none,
+    version_schema,
     write_attempt,
+    write_refresh_attempt,
 )
 
 __all__ = [
@@ -189,6 +203,12 @@ class SummaryStore:
         store = cls(base, where, manifest, generation, {})
         if before is not None and before == after:  # the file read is the one stat'ed
             store._manifest_stat = (local, before)
+        if manifest.get("refresh"):  # rows of several attempts, through its row map
+            segments, sources = version_map(base, manifest, where)
+            store._rows = MappedRows(
+                spec, manifest, segments, sources, manifest["extra_arrays"], context
+            )
+            return store
         for name, meta in store._stored_arrays().items():
             store._arrays[name] = store._open_array(spec, name, meta, context)
         if manifest["layout"] == "rows":
@@ -298,6 +318,90 @@ class SummaryStore:
         return WriteResult(manifest, current=current, moved_current=moved, rerun=rerun)
 
     @staticmethod
+    def write_refresh(
+        root: Any,
+        *,
+        parent: str,
+        version: str,
+        rows: Iterable[RowBlock],
+        written_rows: np.ndarray,
+        parent_row: np.ndarray,
+        config_hash: str,
+        data_fingerprint: str,
+        delta_fingerprint: str,
+        watermark: int | None = None,
+        with_extras: bool = True,
+        chunk_rows: int = 64,
+        coverage_info: Mapping[str, Any] | None = None,
+        context: ts.Context | None = None,
+    ) -> WriteResult:
+        """Publishes a refresh of version `parent` (CURRENT when the refresh began) that
+        writes only the rows it recomputes and carries every other row by reference
+        (`vista_jax.store_refresh`); moves CURRENT to it by compare-and-swap from `parent`.
+
+        The version has ``len(parent_row)`` rows: row r carries row ``parent_row[r]`` of the
+        parent (bytes shared, not copied), or, where that is -1, is one of `written_rows`
+        (ascending), whose values `rows` gives as RowBlocks of version row ids. It keeps the
+        parent's summarizer step and checkpoint, quantization, k and d, and its extras when
+        `with_extras` (the blocks then carry them). Lineage adds ``refresh.parent`` and
+        ``refresh.delta_fingerprint``; the `watermark` must be >= every row's event time.
+        Identical reruns (same parent, same rows) complete the earlier publication.
+        """
+        check_name("version", version)
+        spec = root_spec(root)
+        context = context or default_context()
+        base, where = open_base(spec, context), describe(spec)
+        start = read_current_stamped(base)
+        if start[0] != parent:
+            raise SummaryStoreError(
+                f"the refresh of version {parent!r} at {where} found CURRENT at "
+                f"{start[0]!r}: another build published meanwhile. Fix: rerun the refresh, "
+                "which then starts from the current version"
+            )
+        parent_manifest, _ = read_manifest(base, parent, where)
+        extras = parent_manifest["extra_arrays"]
+        if parent_manifest["layout"] != "rows" or (with_extras and not extras):
+            raise SummaryStoreError(
+                f"version {parent!r} at {where} has layout {parent_manifest['layout']!r} and "
+                f"extras {sorted(extras)}; a refresh needs layout "
+                "'rows' (and the stored states to fold into). Fix: rebuild it "
+                "(--mode=build_cache), then refresh"
+            )
+        clock = build_clock(base, parent, where)
+        written_rows = np.asarray(written_rows, np.int64)
+        parent_row = np.asarray(parent_row, np.int64)
+        if np.any(parent_row[written_rows] != -1) or np.any(np.diff(written_rows) <= 0):
+            raise ValueError("written_rows must ascend and must not be carried (parent_row -1)")
+        if np.any(parent_row >= parent_manifest["num_rows"]):
+            raise ValueError(f"parent rows must lie in [0, {parent_manifest['num_rows']})")
+        parent_segments, parent_sources = version_map(base, parent_manifest, where)
+        carried, sources = compose(carried_segments(parent_row), parent_segments, parent_sources)
+        num_rows = len(parent_row)
+        segments = merge(np.concatenate([carried, own_segments(written_rows)]))
+        own = {"data": "", "num_rows": len(written_rows), "shard_rows": 1}
+        check_segments(segments, [own, *sources], num_rows)
+        fields = dict(
+            config_hash=str(config_hash), summarizer_step=parent_manifest["summarizer_step"],
+            quantization=parent_manifest["quantization"], layout="rows",
+            chunk_rows=int(chunk_rows),
+        )  # fmt: skip
+        refuse_conflicting(base, version, where, num_rows=num_rows, **fields)
+        lineage = Lineage(parent_manifest["summarizer_checkpoint"], data_fingerprint, watermark)
+        refresh = {
+            "parent": parent, "delta_fingerprint": str(delta_fingerprint),
+            "sources": sources, "segments": segments,
+        }  # fmt: skip
+        manifest, rerun = write_refresh_attempt(
+            base, spec, version, rows, written_rows,
+            version_schema(parent_manifest, num_rows, with_extras), fields, coverage_info,
+            clock, context, lineage, refresh, parent_manifest["row_record"],
+        )  # fmt: skip
+        if not rerun:
+            _withdraw_if_parent_collected(base, manifest, spec, where)
+        current, moved = _advance_current(base, manifest, start, where)
+        return WriteResult(manifest, current=current, moved_current=moved, rerun=rerun)
+
+    @staticmethod
     def set_current(root: Any, version: str, *, context: ts.Context | None = None) -> None:
         """Points CURRENT at a published version, unconditionally (rolling back)."""
         spec = root_spec(root)
@@ -335,16 +439,20 @@ class SummaryStore:
                 listing[version]["attempts"] = set()  # their data may be referenced: keep it
         kept = retained(published, read_current_stamped(base)[0], keep_last, set(keep))
         removed = []
+        in_use = lambda prefix: prefix in _referenced(base, where)  # noqa: E731
         for version in sorted(set(published) - set(kept), key=lambda v: order_key(published[v][0])):
-            if dry_run or collect_version(base, *published[version]):
+            if dry_run or collect_version(base, *published[version], in_use=in_use):
                 removed.append(version)
-        referenced = {(v, manifest.get("attempt")) for v, (manifest, _) in published.items()}
+        # Attempts any published version reads (its own, or a refresh's sources), as listed
+        # after the collection: a refresh published meanwhile protects its parent's data.
+        referenced = _referenced(base, where)
+        referenced |= {data_prefix(published[v][0]) for v in removed}  # collected above
         attempts = []
         for version, entry in sorted(listing.items()):
             for attempt in sorted(entry["attempts"]):
                 started = attempt_started(attempt)
                 old = started is not None and started < time.time() - grace_seconds
-                if (version, attempt) not in referenced and old:
+                if attempt_prefix(version, attempt) not in referenced and old:
                     attempts.append(attempt_prefix(version, attempt))
                     if not dry_run:
                         delete_prefix(base, attempts[-1])
@@ -455,10 +563,17 @@ class SummaryStore:
                 "with a summarizer that stores it"
             )
         ids, valid = self._locate(row_ids)
-        values = self._read_rows([name], ids[valid])[name]
+        if isinstance(self._rows, MappedRows):
+            try:
+                values = self._rows.read_extra(name, ids[valid])
+            except ValueError as e:  # e.g. a source collected meanwhile
+                self._check_live(e)
+                raise
+            self._check_live()
+        else:
+            values = self._read_rows([name], ids[valid])[name]
         values[self._read_core(ids[valid])["present"] != 1] = 0
-        array = self._arrays[name]
-        out = np.zeros((len(ids), *array.shape[1:]), array.dtype.numpy_dtype)
+        out = np.zeros((len(ids), *values.shape[1:]), values.dtype)
         out[valid] = values
         return out
 
@@ -533,6 +648,36 @@ def _file_identity(path: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- publication
+
+
+def _referenced(base, where: str) -> set[str]:
+    """Data prefixes the published versions read now (their own and refresh sources)."""
+    prefixes: set[str] = set()
+    for version, entry in list_versions(base).items():
+        if entry["published"]:
+            manifest = manifest_or_none(base, version, where)
+            prefixes |= referenced_prefixes(manifest) if manifest else set()
+    return prefixes
+
+
+def _withdraw_if_parent_collected(base, manifest: dict, spec: dict, where: str) -> None:
+    """A refresh reads its parent's attempts. Collection deletes a version's data only if no
+    published manifest names it, asked after its manifest is gone; so if the parent is still
+    published once the refresh's manifest exists, its data stays. Otherwise the refresh may
+    name deleted rows: it unpublishes itself (not yet CURRENT) and fails."""
+    parent = manifest["refresh"]["parent"]
+    if manifest_or_none(base, parent, where) is not None:
+        return
+    version = manifest["version"]
+    _, generation = read_stamped(base, manifest_key(version))
+    if write_if(base, manifest_key(version), None, generation):
+        delete_prefix(base, data_prefix(manifest))
+        prune_empty_dirs(spec, version_prefix(version))
+    raise SummaryStoreError(
+        f"version {parent!r} at {where} was garbage-collected while the refresh {version!r} "
+        "of it was written, so the refresh was withdrawn. Fix: rerun the refresh (it starts "
+        "from the current version), or keep the version when collecting (keep=...)"
+    )
 
 
 def _advance_current(base, manifest: dict, start: tuple, where: str) -> tuple[str, bool]:

@@ -380,11 +380,12 @@ def create_manifest(base: ts.KvStore, manifest: dict, where: str) -> tuple[dict,
 
 def build_manifest(
     version, schema, *, config_hash, summarizer_step, quantization, layout, chunk_rows,
-    coverage_info, attempt, build_clock, data_digest, lineage,
+    coverage_info, attempt, build_clock, data_digest, lineage, refresh=None,
 ) -> dict:  # fmt: skip
     """The manifest JSON of a version from its array schema {name: (shape, dtype)}, the
     digest of its array writes and its `lineage` (a value for each of ``LINEAGE_KEYS``);
-    ``content_hash`` covers all but the attempt's keys."""
+    a refresh version adds ``refresh`` (parent, delta, sources, row map:
+    `vista_jax.store_refresh`). ``content_hash`` covers all but the attempt's keys."""
 
     def describe_arrays(names):
         return {
@@ -412,6 +413,8 @@ def build_manifest(
         "extra_arrays": describe_arrays([n for n in schema if n not in CORE_ARRAYS]),
         **{key: lineage[key] for key in LINEAGE_KEYS},
     }
+    if refresh is not None:
+        content["refresh"] = refresh
     content_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
     content_hash.update(data_digest.encode())
     return {
@@ -437,13 +440,15 @@ def retained(published: dict, current: str | None, keep_last: int, pinned: set) 
     return [v for v in newest if v in kept]
 
 
-def collect_version(base: ts.KvStore, manifest: dict, generation: bytes) -> bool:
+def collect_version(base: ts.KvStore, manifest: dict, generation: bytes, in_use=None) -> bool:
     """Unpublishes a version (its manifest, if unchanged and not CURRENT), then deletes its
-    arrays; whether it did."""
+    arrays unless `in_use(prefix)` (asked after the manifest is gone) says a published
+    refresh version still reads them; whether it unpublished it."""
     version = manifest["version"]
     if read_current_stamped(base)[0] == version:  # rolled back to it meanwhile
         return False
     if not write_if(base, manifest_key(version), None, generation):
         return False
-    delete_prefix(base, data_prefix(manifest))
+    if in_use is None or not in_use(data_prefix(manifest)):
+        delete_prefix(base, data_prefix(manifest))
     return True

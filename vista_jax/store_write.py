@@ -39,6 +39,7 @@ from vista_jax.store_layout import (
     prune_empty_dirs,
     read_manifest,
 )
+from vista_jax.store_refresh import ROW_MAP_KEY, encode_map
 from vista_jax.store_rows import (
     ROW_ARRAY,
     ShardBuffer,
@@ -390,3 +391,84 @@ def _discard_attempt(base: ts.KvStore, spec: dict, version: str, prefix: str) ->
             prune_empty_dirs(spec, prefix)
     except Exception:  # best effort: garbage collection removes it later
         _log.warning("could not delete the failed write attempt %s", prefix)
+
+
+# --------------------------------------------------------------------------- refresh attempts
+
+
+def version_schema(parent: dict, num_rows: int, with_extras: bool) -> dict[str, tuple]:
+    """Name -> (shape, dtype) of a refresh of `parent` (its manifest) with `num_rows` rows:
+    the parent's arrays, and its extras when the refresh keeps them."""
+    described = {**parent["arrays"], **(parent["extra_arrays"] if with_extras else {})}
+    return {
+        name: ((num_rows, *meta["shape"][1:]), np.dtype(ts.dtype(meta["dtype"]).numpy_dtype))
+        for name, meta in described.items()
+    }
+
+
+def _compact(blocks: Iterable[RowBlock], written_rows: np.ndarray) -> Iterator[RowBlock]:
+    """Blocks of version row ids -> the same blocks on rows 0..T-1 of the refresh attempt."""
+    for block in blocks:
+        ids = np.asarray(block.row_ids, np.int64)
+        compact = np.searchsorted(written_rows, ids).clip(0, len(written_rows) - 1)
+        if np.any(written_rows[compact] != ids):
+            raise ValueError("a refresh block writes a row outside `written_rows`")
+        yield block._replace(row_ids=compact)
+
+
+def write_refresh_attempt(
+    base, spec, version, blocks, written_rows, schema, fields, coverage_info, clock, context,
+    lineage, refresh, parent_row_record,
+) -> tuple[dict, bool]:  # fmt: skip
+    """Writes a refresh's own rows (compact) and its row map under a fresh attempt prefix,
+    then creates the manifest if absent; returns (the published manifest, rerun).
+
+    `refresh` holds the manifest's refresh keys but the row map's: ``segments`` (int64
+    [S, 4], `vista_jax.store_refresh`) is stored under the attempt and named by its hash."""
+    where = describe(spec)
+    attempt = new_attempt_id(time.time_ns())
+    prefix = attempt_prefix(version, attempt)
+    refresh = dict(refresh)
+    segments = refresh.pop("segments")
+    try:
+        if len(written_rows):
+            written = write_arrays(
+                spec, prefix, _compact(blocks, written_rows), version=version,
+                num_rows=len(written_rows), context=context,
+                **{k: fields[k] for k in ("quantization", "chunk_rows", "layout")},
+            )  # fmt: skip
+            _check_schema(written.schema, schema, version)
+        else:
+            written = WrittenArrays(schema, hashlib.sha256().hexdigest(), 0, None, None)
+        raw, sha = encode_map(segments)
+        base.write(prefix + ROW_MAP_KEY, raw).result()
+        carried = int(segments[segments[:, 2] > 0, 1].sum())
+        written = written._replace(
+            schema=schema,
+            present_rows=written.present_rows + carried,
+            row_record=written.row_record or parent_row_record,
+        )
+        refresh |= {"rows_written": len(written_rows),
+                    "row_map": {"segments": len(segments), "sha256": sha}}  # fmt: skip
+        manifest = build_manifest(
+            version, schema, **fields, coverage_info=coverage_info, attempt=attempt,
+            build_clock=clock, data_digest=written.digest,
+            lineage=lineage_fields(written, lineage, version), refresh=refresh,
+        )  # fmt: skip
+        manifest, rerun = create_manifest(base, manifest, where)
+    except BaseException:
+        _discard_attempt(base, spec, version, prefix)
+        raise
+    if rerun:
+        _discard_attempt(base, spec, version, prefix)
+    return manifest, rerun
+
+
+def _check_schema(written: dict, want: dict, version: str) -> None:
+    """The rows a refresh writes must have the parent's per-row shapes and dtypes."""
+    got = {n: (tuple(s[1:]), np.dtype(d)) for n, (s, d) in written.items()}
+    expected = {n: (tuple(s[1:]), np.dtype(d)) for n, (s, d) in want.items()}
+    if got != expected:
+        raise ValueError(
+            f"refresh version {version!r}: rows of {got} differ from the parent's {expected}"
+        )

@@ -6,6 +6,8 @@
   recbole_atomic  -- RecBole atomic files (`<name>.inter`, optional `<name>.item`)
   table           -- CSV/Parquet with `user,item,timestamp[,rating|label][,category]`
 
+An event log may get `delta_path`: a table of new events appended to it (`data.delta`).
+
 `config.data.task` is `ranking` (synthetic: one request after each history; event logs: every
 event is a request whose one candidate is its item, labelled by the `label` column or
 `rating >= positive_rating`, split by time) or `retrieval` (event logs, leave-one-out).
@@ -20,7 +22,7 @@ import sys
 
 import numpy as np
 
-from vista_jax.data import loaders, synthetic
+from vista_jax.data import delta, loaders, synthetic
 from vista_jax.data.eventlog import EventLogOptions
 from vista_jax.data.examples import EVENT_SPLITS, ExampleSpec, event_requests, snapshot_positions
 from vista_jax.data.tfds_builders import (
@@ -57,6 +59,9 @@ class DataConfig:
     eval_every: int = 0  # Users u with u % eval_every == 0 are held out.
     # Event logs (both tasks):
     path: str = ""
+    # New events appended to the log at `path` (a CSV/Parquet table, `vista_jax.data.delta`):
+    # every stage then reads the merged log; `--mode=refresh_cache` folds it into the cache.
+    delta_path: str = ""
     log_options: EventLogOptions | None = None
     snapshot_every: int = 0  # A cache row every S events (0 = one per user).
     max_eval_users: int = 0  # Evaluate the requests of the first N users only (0 = all).
@@ -137,6 +142,9 @@ def _build_tfds(data_cfg: DataConfig, data_dir) -> tuple[pathlib.Path, str]:
         )
     else:
         log = loaders.load_event_log(data_cfg.kind, data_cfg.path, data_cfg.log_options)
+        if data_cfg.delta_path:  # the log one file holding both would give
+            new = delta.load(data_cfg.delta_path, data_cfg.log_options)
+            log = delta.append(log, new, data_cfg.delta_path, data_cfg.log_options)
         labels = None
         settings = {"kind": data_cfg.kind}
         if data_cfg.task == "ranking":
