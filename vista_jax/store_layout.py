@@ -48,12 +48,14 @@ older checkpoint), not by summarizer step, which a refresh keeps and a retrain r
 
 Only `SummaryStore.collect_garbage` deletes. It keeps CURRENT, every version newer than
 CURRENT (publications in flight, or after a rollback), the newest ``keep_last`` and any
-pinned; from each other published version it deletes the manifest first, then the arrays;
-it deletes unpublished attempts older than a grace period, which must exceed the longest
-build. A reader checks after every read that the manifest it opened is still there,
-unchanged: rows read before a successful check belong to the version (its data goes only
-after its manifest), and a read of a collected version raises instead of returning zeros.
-Rolling back (`SummaryStore.set_current`) while a build or a collection runs may be undone
+pinned; from each other published version it deletes the manifest first, then the arrays
+unless a published refresh version reads them (``refresh.sources``,
+`vista_jax.store_refresh`); it deletes attempts no published manifest reads that are older
+than a grace period, which must exceed the longest build. A reader checks after every read
+that the manifest it opened is still there, unchanged: rows read before a successful check
+belong to the version (its data goes only after its manifest), and a read of a collected
+version raises instead of returning zeros. Rolling back (`SummaryStore.set_current`) while
+a build or a collection runs may be undone
 by it: roll back when neither runs.
 """
 
