@@ -130,6 +130,8 @@ def test_refresh_equals_full_rebuild_and_shares_untouched_rows(trained, window):
 
     info = refreshed.manifest["refresh"]
     assert info["parent"] == parent.version and info["delta_fingerprint"].startswith("sha256:")
+    assert refreshed.lineage["refresh"] == {k: info[k] for k in ("parent", "delta_fingerprint")}
+    assert parent.lineage["refresh"] is None
     assert refreshed.extra_names == full.extra_names == parent.extra_names
     assert bool(full.extra_names) == (window == 64)  # whole history: states folded
     for key in ("config_hash", "data_fingerprint", "num_rows", "k", "d", "quantization"):

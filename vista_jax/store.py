@@ -495,13 +495,20 @@ class SummaryStore:
     def lineage(self) -> dict:
         """What names this version and its inputs, for the checkpoints trained on it: the
         root, version, content hash, summarizer checkpoint and step, config hash, data
-        fingerprint, k, d, quantization, layout, row counts, bytes per row, watermark."""
+        fingerprint, k, d, quantization, layout, row counts, bytes per row, watermark, and
+        for a refresh version its parent version and delta fingerprint."""
         keys = (
             "version", "content_hash", "summarizer_checkpoint", "summarizer_step",
             "config_hash", "data_fingerprint", "k", "d", "quantization", "layout",
             "num_rows", "present_rows", "bytes_per_row", "watermark", "format_version",
         )  # fmt: skip
-        return {"root": self._where} | {key: self._manifest.get(key) for key in keys}
+        refresh = self._manifest.get("refresh")  # a refresh: what it folded into what
+        parent = {k: refresh[k] for k in ("parent", "delta_fingerprint")} if refresh else None
+        return (
+            {"root": self._where}
+            | {key: self._manifest.get(key) for key in keys}
+            | {"refresh": parent}
+        )
 
     # ------------------------------------------------------------------- reading
 
