@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     c.data = dict(
         kind="movielens_1m",
         path=default_path("ml-1m"),
+        delta_path="",  # New events appended to the log (--mode=refresh_cache folds them in).
         history_window=200,  # HSTU protocol: the most recent 200 events.
         num_recent=32,
         data_dir="",  # Where built datasets go ("" = <workdir>/data).
