@@ -29,7 +29,7 @@ from flax import nnx
 
 from vista_jax import cache, checkpoints, evaluation, metrics, sharding
 from vista_jax.config import ExperimentConfig, from_config_dict
-from vista_jax.data import datasets, inputs
+from vista_jax.data import datasets, inputs, synthetic
 from vista_jax.data import examples as ex
 from vista_jax.errors import ConfigError, WorkdirError
 from vista_jax.fingerprints import git_commit
@@ -342,6 +342,9 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])
         results["oracle_auc"] = metrics.auc(labels, probs)
+    if ranking and data.config.synthetic is not None:  # What the generator says is reachable.
+        users = sorted({int(e["user"]) for e in items})
+        results["reference_aucs"] = synthetic.auc_report(data.config.synthetic, users)
     return results
 
 
