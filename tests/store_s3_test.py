@@ -14,9 +14,14 @@ which gives moto S3's atomicity (and the concurrent tests deterministic outcomes
 
 import inspect
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 
@@ -32,7 +37,6 @@ import store_publish_test as publish  # noqa: E402
 
 from vista_jax import cache, pipeline  # noqa: E402
 from vista_jax.config import from_config_dict  # noqa: E402
-from vista_jax.errors import ConfigError  # noqa: E402
 from vista_jax.serving import Scorer  # noqa: E402
 from vista_jax.store import SummaryStore, SummaryStoreError, quantize_int8  # noqa: E402
 from vista_jax.store_layout import (  # noqa: E402
@@ -88,23 +92,21 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def moto():
     """(endpoint URL, gate) of a moto S3 server on 127.0.0.1, with the test bucket."""
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    server = moto_server.ThreadedMotoServer(
-        ip_address="127.0.0.1", port=_free_port(), verbose=False
-    )
-    server.start()
-    try:
-        wsgi = server._server  # werkzeug's server; it calls .app for each request
-        gate = wsgi.app = _Gate(wsgi.app)
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(Bucket=BUCKET)
-        yield endpoint, gate
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")  # read by {"type": "environment"}
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request
+        server = moto_server.ThreadedMotoServer("127.0.0.1", _free_port(), verbose=False)
+        server.start()
+        try:
+            wsgi = server._server  # werkzeug's server: it calls .app for each request
+            gate = wsgi.app = _Gate(wsgi.app)
+            endpoint = "http://{}:{}".format(*server.get_host_and_port())
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+            s3.create_bucket(Bucket=BUCKET)
+            yield endpoint, gate
+        finally:
+            server.stop()
 
 
 def _spec(endpoint: str, conditional: bool | None = None) -> dict:
@@ -200,6 +202,35 @@ def test_publication_race_on_s3(scenario, s3_root, monkeypatch):
     """The scenario of `store_publish_test`, on an S3 root instead of a file or memory one."""
     wants = inspect.signature(scenario).parameters
     scenario(s3_root, **({"monkeypatch": monkeypatch} if "monkeypatch" in wants else {}))
+
+
+def test_killed_build_on_s3_leaves_an_attempt_that_collection_removes(s3_root):
+    """A build SIGKILLed mid-write (another process) leaves unpublished objects; CURRENT and
+    readers never see them; collection past the grace period removes them; the id is free."""
+    root, context = s3_root
+    publish._write(root, context, "v1", publish._rows(1))
+    script = f"""
+        import os, signal
+        import numpy as np
+        from vista_jax.store import RowBlock, SummaryStore
+
+        def blocks():
+            yield RowBlock(np.arange(50), np.ones((50, {K}, {D}), np.float32), np.zeros(50, int))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        SummaryStore.write_version({root!r}, version="v2", summaries=blocks(), num_rows={R},
+                                   config_hash="cfg", summarizer_step=1, chunk_rows=10)
+    """
+    env = {**os.environ, "PYTHONPATH": str(publish.REPO)}
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=120)
+    assert run.returncode == -signal.SIGKILL
+    assert publish._keys(root, context, "versions/v2/attempts/")  # shards of the first rows
+    assert publish._current(root, context) == "v1"
+    report = SummaryStore.collect_garbage(root, keep_last=1, grace_seconds=0, context=context)
+    assert len(report.attempts) == 1 and report.attempts[0].startswith("versions/v2/attempts/")
+    assert publish._keys(root, context, "versions/v2/") == []
+    publish._write(root, context, "v2", publish._rows(2))
+    publish._assert_reads(SummaryStore.open(root, context=context), publish._rows(2))
 
 
 # --------------------------------------------------------------------------- conditional writes
@@ -370,13 +401,11 @@ def test_cache_stage_writes_to_s3_and_serving_reads_it(moto, tiny_run, tmp_path)
     np.testing.assert_array_equal(a.recent_only, b.recent_only)
 
 
-def test_a_cache_root_that_is_not_a_store_root_is_refused():
-    from experiments.synthetic import config as synthetic_config
-
-    config = synthetic_config.get_config("tiny")
-    config.cache.root = '{"bucket": "no-driver"}'
-    with pytest.raises(ConfigError, match="cache.root.*Fix: "):
-        from_config_dict(config)
-    config.cache.root = '{"driver": "s3", "bucket": "b", "endpoint": 7}'
-    with pytest.raises(ConfigError, match="cache.root"):
-        from_config_dict(config)
+@pytest.mark.parametrize("layout", ["ocdbt", "plain"])
+def test_other_layouts_round_trip_on_s3(s3_root, layout):
+    root, context = s3_root
+    x = publish._rows(4)
+    publish._write(root, context, "v1", x, layout=layout, extra_arrays={"s": x[:, 0]})
+    store = SummaryStore.open(root, context=context)
+    publish._assert_reads(store, x)
+    np.testing.assert_array_equal(store.read_extra("s", np.arange(R)), x[:, 0])

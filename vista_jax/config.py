@@ -442,6 +442,7 @@ def _check_store_root(root: str) -> None:
     except (UserError, ValueError, TypeError) as e:
         raise ConfigError(
             f"config key 'cache.root' ({root[:120]!r}) is not a store root: "
-            f"{str(e).splitlines()[0]} Fix: pass a path, a URL such as s3://bucket/cache/, or "
-            'a kvstore spec as JSON, e.g. {"driver": "s3", "bucket": "b", "path": "cache/"}'
+            f"{str(e).splitlines()[0].split(' Fix: ')[0]} Fix: pass a path, a URL such as "
+            's3://my-bucket/cache/, or a kvstore spec as JSON, e.g. {"driver": "s3", '
+            '"bucket": "my-bucket", "path": "cache/"}'
         ) from None

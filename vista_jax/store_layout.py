@@ -154,7 +154,7 @@ def _json_spec(text: str) -> dict:
     if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
         raise SummaryStoreError(
             f"store root {text[:120]!r} is neither a path, a URL nor a JSON kvstore spec with "
-            f'a "driver" ({spec}). Fix: pass e.g. {{"driver": "s3", "bucket": "b", '
+            f'a "driver" ({spec}). Fix: pass e.g. {{"driver": "s3", "bucket": "my-bucket", '
             '"path": "cache/"}'
         )
     return spec
