@@ -167,7 +167,7 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
 
     version = f"v{step:08d}-{int(time.time())}"
     manifest = cache.SummaryStore.write_version(
-        cache.cache_root(workdir),
+        cache.cache_root(workdir, config.cache.root),
         version=version,
         summaries=cache.row_blocks(data, lambda h: summarize(params, h), config.cache.batch_size),
         num_rows=data.num_rows,
@@ -195,7 +195,7 @@ def downstream_batches(config: ExperimentConfig, data, store=None) -> grain.MapD
 
 def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     """Downstream ranker from the cache alone, and the recent-only baseline."""
-    store = cache.open_cache(workdir, config.summarizer_for(data), data)
+    store = cache.open_cache(workdir, config.summarizer_for(data), data, root=config.cache.root)
     mesh, rules = mesh_and_rules(config)
     es = config.early_stopping
     with_summaries = cache.with_summaries(store)
@@ -293,7 +293,7 @@ def training_record(workdir, name: str, batch_size: int, num_train: int) -> dict
 
 
 def evaluate(config: ExperimentConfig, workdir, data) -> dict:
-    store = cache.open_cache(workdir, config.summarizer_for(data), data)
+    store = cache.open_cache(workdir, config.summarizer_for(data), data, root=config.cache.root)
     downstream_meta = checkpoints.read_meta(_dir(workdir, "downstream"))
     cache.require_version(store, downstream_meta.get("cache_version"), "vista_downstream")
     ranking = data.spec.task == "ranking"
