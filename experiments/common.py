@@ -91,7 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ranker = model_defaults(RankerConfig)
     c.ranker.num_layers = 1  # Stage 2 over a few dozen tokens: one block is enough here.
     # chunk_rows: rows per shard file of the store's "rows" layout (~9 MB at K=128, D=64, int8).
-    c.cache = ml_collections.ConfigDict(dict(quantization="int8", chunk_rows=1024, batch_size=64))
+    # root: "" is <workdir>/cache; or a path, URL or kvstore spec JSON (docs/ARCHITECTURE.md).
+    c.cache = ml_collections.ConfigDict(
+        dict(quantization="int8", chunk_rows=1024, batch_size=64, root="")
+    )
     # Logical axis -> mesh axis. Item tables shard rows over `model`; batches over `data`.
     c.mesh = ml_collections.ConfigDict(
         dict(

@@ -200,6 +200,7 @@ def point_record(point: Point, config: ExperimentConfig, results: dict, run_dir,
         "overrides": point.overrides,
         "models": results["models"],
         "oracle_auc": results.get("oracle_auc"),
+        "reference_aucs": results.get("reference_aucs", {}),
         "flops_per_request": flops_per_request(config),
         "train_flops": train_flops(config),
         "stage_wall_s": {k: v["wall_s"] for k, v in stages.items()},
@@ -257,6 +258,7 @@ def table_rows(records: list[dict]) -> list[dict]:
             row["flops_per_request"] = rec["flops_per_request"].get(model)
             row["train_flops"] = rec["train_flops"].get(model)
             row["oracle_auc"] = rec.get("oracle_auc")
+            row["history_count_auc"] = rec.get("reference_aucs", {}).get("history_count_auc")
             row["point_wall_s"] = sum(rec["stage_wall_s"].values())
             rows.append(row)
     return rows
@@ -314,6 +316,9 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str, title: str) -> None:
             oracle = series([dict(r, model="oracle") for r in rows], "oracle_auc")
             for x, mean, _ in oracle.values():
                 ax.plot(x, mean, "k--", label="oracle")
+            counts = series([dict(r, model="history counts") for r in rows], "history_count_auc")
+            for x, mean, _ in counts.values():  # Reachable from per-topic history counts.
+                ax.plot(x, mean, "k:", label="history-count predictor")
         ax.set(xlabel=x_key, ylabel=label, xscale="log" if log_x else "linear")
         if log_y:
             ax.set_yscale("log")

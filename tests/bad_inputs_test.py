@@ -504,6 +504,8 @@ CLI_CASES = [
      ("--config.data.path",)),
     ("bad_value", ["--config=experiments/synthetic/config.py:tiny",
                    "--config.cache.quantization=int4"], ("cache.quantization",)),
+    ("bad_cache_root", ["--config=experiments/synthetic/config.py:tiny",
+                        '--config.cache.root={"bucket": "my-bucket"}'], ("cache.root", "driver")),
 ]  # fmt: skip
 
 

@@ -52,13 +52,17 @@ def test_grid_from_the_config_file():
     points = sweep.grid(module, "history_len")
     assert [p.x for p in points] == list(synthetic_config.HISTORY_LENGTHS)
     assert {p.seed for p in points} == {0} and points[0].x_key == "data.history_len"
-    assert points[-1].name == "history_len=100000-seed=0"
-    assert points[-1].overrides["data.history_window"] == 100000
+    assert points[-1].name == "history_len=2000-seed=0"
+    assert points[-1].overrides["data.history_window"] == 2000
     seeds = sweep.grid(module, "num_seeds:seeds=3")
     assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
     assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
-    assert points[0].overrides["source.num_steps"] == 1000
-    longer = sweep.grid(module, "history_len:steps=2000,max_len=10000")
+    assert points[0].overrides["source.num_steps"] == 600
+    full = sweep.grid(module, "history_len:full")
+    assert [p.x for p in full] == list(synthetic_config.FULL_HISTORY_LENGTHS)
+    assert full[-1].overrides["data.history_window"] == 100000
+    assert full[-1].overrides["data.dormant_weight"] < points[-1].overrides["data.dormant_weight"]
+    longer = sweep.grid(module, "history_len:full,steps=2000,max_len=10000")
     assert {p.overrides["source.num_steps"] for p in longer} == {2000}
     assert [p.x for p in longer] == [1000, 3000, 10000]
 
@@ -66,7 +70,7 @@ def test_grid_from_the_config_file():
 def test_every_shipped_point_is_a_valid_config(tmp_path):
     module, _ = sweep.load_experiment("experiments/synthetic/config.py")
     base = module.get_config(None)
-    for name in ("history_len", "num_seeds", "width"):
+    for name in ("history_len", "history_len:full", "num_seeds", "width"):
         for point in sweep.grid(module, name):
             typed = sweep.point_config(base, point, tmp_path)
             assert typed.seed == point.seed

@@ -142,6 +142,20 @@ def test_oracle_auc_and_long_range_gap():
     assert S.recent_only_oracle_auc(cfg, users=range(100)) < S.oracle_auc(cfg, users=range(100))
 
 
+def test_history_count_predictor_gains_with_length_when_interests_are_sparse():
+    """Sparse dormant interests: per-topic history counts tell more the longer the history,
+    while what the recent events tell does not depend on the length."""
+    reports = {
+        n: S.auc_report(S.SyntheticConfig(num_users=300, history_len=n, dormant_weight=0.1))
+        for n in (125, 2000)
+    }
+    short, long = reports[125], reports[2000]
+    assert long["history_count_auc"] > short["history_count_auc"] + 0.05, reports
+    assert abs(long["recent_only_auc"] - short["recent_only_auc"]) < 0.03, reports
+    for rep in reports.values():
+        assert rep["recent_only_auc"] < rep["history_count_auc"] <= rep["oracle_auc"], rep
+
+
 @pytest.mark.parametrize("history_len", [100, 1_000_000])
 def test_extreme_lengths(history_len):
     cfg = S.SyntheticConfig(num_users=1, history_len=history_len, seed=1)

@@ -32,8 +32,10 @@ from vista_jax.store import NO_EVENTS, UNKNOWN_TIME, RowBlock, SummaryStore, Sum
 LAST_TIME = "last_time"  # Extra array [rows] int64: time of the last covered event.
 
 
-def cache_root(workdir) -> str:
-    return str(pathlib.Path(workdir).absolute() / "cache")
+def cache_root(workdir, root: str = "") -> str:
+    """The store root of a workdir's cache: `root` (config key ``cache.root``: a path, URL or
+    kvstore spec JSON, e.g. an S3 bucket) when given, else ``<workdir>/cache``."""
+    return root or str(pathlib.Path(workdir).absolute() / "cache")
 
 
 def cache_hash(scfg: SummarizerConfig, data: SequenceData) -> str:
@@ -42,11 +44,16 @@ def cache_hash(scfg: SummarizerConfig, data: SequenceData) -> str:
 
 
 def open_cache(
-    workdir, scfg: SummarizerConfig, data: SequenceData, version: str | None = None
+    workdir,
+    scfg: SummarizerConfig,
+    data: SequenceData,
+    version: str | None = None,
+    root: str = "",
 ) -> SummaryStore:
-    """The current version (or `version`); refuses one built by another summarizer or data."""
+    """The current version (or `version`) of the cache at `cache_root(workdir, root)`;
+    refuses one built by another summarizer or data."""
     return SummaryStore.open(
-        cache_root(workdir), expected_config_hash=cache_hash(scfg, data), version=version
+        cache_root(workdir, root), expected_config_hash=cache_hash(scfg, data), version=version
     )
 
 

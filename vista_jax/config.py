@@ -22,7 +22,7 @@ from vista_jax.data import datasets
 from vista_jax.data.eventlog import EventLogOptions
 from vista_jax.data.features import NUM_ACTIONS, NUM_GAP_BUCKETS
 from vista_jax.data.synthetic import SyntheticConfig
-from vista_jax.errors import ConfigError
+from vista_jax.errors import ConfigError, UserError
 from vista_jax.fingerprints import config_hash  # noqa: F401  (re-exported for callers)
 
 ATTENTIONS = ("qla", "softmax")
@@ -130,6 +130,9 @@ class CacheConfig:
     quantization: str  # int8 | bf16 | none
     chunk_rows: int  # Rows per shard (store layout "rows"; per chunk in the others).
     batch_size: int  # Rows summarized per device call.
+    # Store root of the summary cache: "" is <workdir>/cache; else a path, a URL
+    # ("s3://bucket/cache/") or a TensorStore kvstore spec as JSON text (e.g. an S3 endpoint).
+    root: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,4 +425,24 @@ def from_config_dict(config) -> ExperimentConfig:
         raise ConfigError(_choice("eval.split", cfg.eval.split, EVAL_SPLITS))
     _positive("eval", batch_size=cfg.eval.batch_size)
     _positive("cache", chunk_rows=cfg.cache.chunk_rows, batch_size=cfg.cache.batch_size)
+    _check_store_root(cfg.cache.root)
     return cfg
+
+
+def _check_store_root(root: str) -> None:
+    """A cache root that TensorStore cannot parse is refused before any work runs."""
+    if not root:
+        return
+    import tensorstore as ts  # Here only: the config boundary stays light.
+
+    from vista_jax.store_layout import root_spec
+
+    try:
+        ts.KvStore.Spec(root_spec(root))
+    except (UserError, ValueError, TypeError) as e:
+        raise ConfigError(
+            f"config key 'cache.root' ({root[:120]!r}) is not a store root: "
+            f"{str(e).splitlines()[0].split(' Fix: ')[0]} Fix: pass a path, a URL such as "
+            's3://my-bucket/cache/, or a kvstore spec as JSON, e.g. {"driver": "s3", '
+            '"bucket": "my-bucket", "path": "cache/"}'
+        ) from None

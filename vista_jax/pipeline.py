@@ -28,7 +28,7 @@ from flax import nnx
 
 from vista_jax import cache, checkpoints, evaluation, metrics, refresh, sharding
 from vista_jax.config import ExperimentConfig, from_config_dict
-from vista_jax.data import datasets, inputs
+from vista_jax.data import datasets, inputs, synthetic
 from vista_jax.data import examples as ex
 from vista_jax.errors import ConfigError, WorkdirError
 from vista_jax.fingerprints import git_commit
@@ -154,7 +154,7 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
     step = checkpoints.restore_module(source_dir, "summarizer", summarizer)
     version = f"v{step:08d}-{int(time.time())}"
     manifest = cache.SummaryStore.write_version(
-        cache.cache_root(workdir),
+        cache.cache_root(workdir, config.cache.root),
         version=version,
         summaries=cache.row_blocks(data, cache.summarize_fn(summarizer), config.cache.batch_size),
         num_rows=data.num_rows,
@@ -182,7 +182,7 @@ def downstream_batches(config: ExperimentConfig, data, store=None) -> grain.MapD
 
 def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     """Downstream ranker from the cache alone, and the recent-only baseline."""
-    store = cache.open_cache(workdir, config.summarizer_for(data), data)
+    store = cache.open_cache(workdir, config.summarizer_for(data), data, root=config.cache.root)
     mesh, rules = mesh_and_rules(config)
     es = config.early_stopping
     with_summaries = cache.with_summaries(store)
@@ -280,7 +280,7 @@ def training_record(workdir, name: str, batch_size: int, num_train: int) -> dict
 
 
 def evaluate(config: ExperimentConfig, workdir, data) -> dict:
-    store = cache.open_cache(workdir, config.summarizer_for(data), data)
+    store = cache.open_cache(workdir, config.summarizer_for(data), data, root=config.cache.root)
     downstream_meta = checkpoints.read_meta(_dir(workdir, "downstream"))
     cache.require_version(store, downstream_meta.get("cache_version"), "vista_downstream")
     ranking = data.spec.task == "ranking"
@@ -329,6 +329,9 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])
         results["oracle_auc"] = metrics.auc(labels, probs)
+    if ranking and data.config.synthetic is not None:  # What the generator says is reachable.
+        users = sorted({int(e["user"]) for e in items})
+        results["reference_aucs"] = synthetic.auc_report(data.config.synthetic, users)
     return results
 
 

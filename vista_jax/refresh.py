@@ -205,7 +205,7 @@ def refresh_cache(config: ExperimentConfig, workdir, merged: SequenceData) -> di
     data_dir = data_cfg.data_dir or pathlib.Path(workdir) / "data"
     base = datasets.build(dataclasses.replace(data_cfg, delta_path=""), data_dir)
     scfg = config.summarizer_for(merged)
-    root = cache.cache_root(workdir)
+    root = cache.cache_root(workdir, config.cache.root)
     parent = SummaryStore.open(root)  # CURRENT
     new_hash = cache.cache_hash(scfg, merged)
     if parent.manifest["config_hash"] == new_hash:

@@ -127,7 +127,7 @@ class Scorer:
                 f"no downstream checkpoint under {directory}. Fix: train it first "
                 "(--mode=train_ranker)"
             )
-        store = _open_pinned(workdir, version, meta, directory)
+        store = _open_pinned(cache.cache_root(workdir, config.cache.root), version, meta, directory)
         _check_lineage(store, index, meta, directory)
         ranker = _restore(config, index, directory, store.d)
         other = None
@@ -176,7 +176,7 @@ class Scorer:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def _open_pinned(workdir, version: str | None, meta: dict, directory) -> SummaryStore:
+def _open_pinned(root: str, version: str | None, meta: dict, directory) -> SummaryStore:
     pinned = version or meta.get("cache_version")
     if pinned is None:
         raise CheckpointError(
@@ -184,7 +184,7 @@ def _open_pinned(workdir, version: str | None, meta: dict, directory) -> Summary
             "was trained on. Fix: pass version=<id> (a version of the same summarizer)"
         )
     try:
-        return SummaryStore.open(cache.cache_root(workdir), version=pinned)
+        return SummaryStore.open(root, version=pinned)
     except SummaryStoreError as e:
         if version is not None:
             raise

@@ -2,8 +2,8 @@
 
 A store root is any TensorStore kvstore: a local path (the default), a URL such as
 ``"memory://"``, ``"gs://bucket/cache/"``, ``"s3://bucket/cache/"``, or a kvstore spec dict
-such as ``{"driver": "memory"}``. Every key below is joined onto the root's ``path``, so the
-same code serves every backend::
+such as ``{"driver": "memory"}`` (or its JSON text, as a config value gives it). Every key
+below is joined onto the root's ``path``, so the same code serves every backend::
 
   CURRENT                                 text: id of the current version (moved by CAS)
   versions/<v>/manifest.json              created once, never rewritten: publishes <v>
@@ -126,12 +126,14 @@ class SummaryStoreError(UserError):
 
 
 def root_spec(root: Any) -> dict:
-    """A store root (path, URL, spec dict or KvStore.Spec) as a kvstore JSON spec whose path
-    is a directory prefix ("" or ending in "/")."""
+    """A store root (path, URL, spec dict, its JSON text, or KvStore.Spec) as a kvstore JSON
+    spec whose path is a directory prefix ("" or ending in "/")."""
     if isinstance(root, ts.KvStore.Spec):
         spec = root.to_json()
     elif isinstance(root, Mapping):
         spec = dict(root)
+    elif isinstance(root, str) and root.lstrip().startswith("{"):
+        spec = _json_spec(root)
     elif isinstance(root, (str, os.PathLike)):
         path = os.fspath(root)
         if "://" in path:
@@ -142,6 +144,21 @@ def root_spec(root: Any) -> dict:
         raise TypeError(f"store root must be a path, URL or kvstore spec, got {type(root)}")
     path = spec.get("path", "")
     spec["path"] = path if not path or path.endswith("/") else path + "/"
+    return spec
+
+
+def _json_spec(text: str) -> dict:
+    """A kvstore spec given as JSON text (e.g. a config value naming an S3 endpoint)."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        spec = e
+    if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
+        raise SummaryStoreError(
+            f"store root {text[:120]!r} is neither a path, a URL nor a JSON kvstore spec with "
+            f'a "driver" ({spec}). Fix: pass e.g. {{"driver": "s3", "bucket": "my-bucket", '
+            '"path": "cache/"}'
+        )
     return spec
 
 
