@@ -26,6 +26,9 @@ def test_record_has_the_issue_fields_and_is_json(record):
     assert {"read_p50_ms", "input_p50_ms", "forward_p50_ms"} <= set(out["full_ta"])
     assert set(out["vista_by_length"]) == {"100", "200"}
     assert out["vista"] == out["vista_by_length"]["200"]  # VISTA at full TA's length.
+    assert out["p50_ratio_full_ta_over_vista"] == pytest.approx(
+        out["full_ta"]["p50_ms"] / out["vista"]["p50_ms"]
+    )
     assert out["qps_ratio_vista_over_full_ta"] == pytest.approx(
         out["vista"]["qps"] / out["full_ta"]["qps"]
     )

@@ -21,16 +21,18 @@ What each timed request includes:
            from it (`examples.ranking_example`: the W = history-length events before the
            request, as `inputs.eval_examples(..., live=True)` builds them), stacked to a batch
            of 1, and `FullTargetAttentionRanker`'s jitted forward (the config's
-           `baselines.chunk_size`), logits back on the host. Its `read_p50_ms`,
-           `input_p50_ms` and `forward_p50_ms` split the median into those three parts.
+           `baselines.chunk_size`), logits back on the host. `read_p50_ms`, `input_p50_ms`
+           and `forward_p50_ms` are the medians of those three parts.
 
 Every function is called `--warmup` times first (compiles excluded). Then `--rounds` rounds:
 each round times one full_ta request and `--vista_per_round` VISTA requests at each length
 (users in turn), with the order of the two kinds alternating between rounds, so load that
 drifts during the run (this machine is shared) hits both alike. `p50_ms` and `p99_ms` are
-percentiles of the per-request wall times; `qps` is 1 / mean latency at batch 1 on one
-thread (requests served back to back, no batching or concurrency).
-`qps_ratio_vista_over_full_ta` compares them at `--full_ta_length`;
+percentiles of the per-request wall times (full_ta's p99 of 30 requests is about their
+maximum); `qps` is 1 / mean latency at batch 1 on one thread (requests served back to back,
+no batching or concurrency).
+`qps_ratio_vista_over_full_ta` compares them at `--full_ta_length` (and
+`p50_ratio_full_ta_over_vista` the medians, which a loaded machine's tail moves less);
 `vista_p50_ratio_1m_over_1k` is VISTA's p50 at the longest length over the shortest (1M over
 1k at the defaults). `records_read` counts the event records each kind opened during the
 timed requests (full_ta: one per request; vista: none). Prints progress to stderr and one JSON
@@ -293,6 +295,7 @@ def _measure(cfg: ServeBenchConfig, data_dir: pathlib.Path, top: pathlib.Path) -
         "vista_by_length": by_length,
     }
     result["qps_ratio_vista_over_full_ta"] = result["vista"]["qps"] / result["full_ta"]["qps"]
+    result["p50_ratio_full_ta_over_vista"] = result["full_ta"]["p50_ms"] / result["vista"]["p50_ms"]
     result["vista_p50_ratio_1m_over_1k"] = by_length[hi]["p50_ms"] / by_length[lo]["p50_ms"]
     result["config"] = config_record(cfg, config, models, setup_s)
     return result
