@@ -29,9 +29,10 @@ scales a row) in each layout to a fresh local directory, then times random batch
 read cache, so cached chunks do not flatter the per-array layouts; the files themselves sit in
 the OS page cache, as the RAM ceiling does. The script uses only API that commits before the
 "rows" layout also have for the per-array layouts, so the "before" figures come from running
-it there with `--layouts=ocdbt` (results/summary_store_before_cpu.json). Serving (`serve`)
-is measured by the work that builds it; here it is null with a reason. Prints progress to
-stderr and one JSON object as the last stdout line.
+it there with `--layouts=ocdbt` (results/summary_store_before_cpu.json). `serve` is
+`experiments.bench.serving.measure` at this K and D (VISTA's `Scorer` against full target
+attention over the raw history; `--serve=false` skips it). Prints progress to stderr and one
+JSON object as the last stdout line.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
+from experiments.bench import serving
 from vista_jax.fingerprints import git_commit
 from vista_jax.quantize import quantize_int8
 from vista_jax.store import RowBlock, SummaryStore
@@ -63,6 +65,7 @@ flags.DEFINE_integer("shard_rows", 1024, "Rows per shard (layout rows; chunk_row
 flags.DEFINE_integer("chunk_rows", 64, "Rows per chunk of the per-array layouts (main's 64).")
 flags.DEFINE_list("layouts", ["rows", "ocdbt"], "Layouts to write and time.")
 flags.DEFINE_string("dir", "", "Where to write the stores (default: a fresh temp dir).")
+flags.DEFINE_bool("serve", True, "Measure serving (experiments.bench.serving) into `serve`.")
 
 BLOCK = 4096
 
@@ -202,7 +205,10 @@ def main(argv):
     result["dense_bytes_per_row"] = FLAGS.k * FLAGS.d
     result.setdefault("refresh_bytes_fraction", None)  # measured with layout "rows" only
     result["serve"] = None
-    result["serve_reason"] = "serving Scorer (issue 9 item 6) not built here"
+    if FLAGS.serve:
+        result["serve"] = serving.measure(serving.ServeBenchConfig(k=FLAGS.k, d=FLAGS.d))
+    else:
+        result["serve_reason"] = "skipped (--serve=false)"
     result["config"] = {
         "rows": FLAGS.rows, "k": FLAGS.k, "d": FLAGS.d, "batch": FLAGS.batch,
         "timed_batches": FLAGS.batches, "shard_rows": FLAGS.shard_rows,
