@@ -1,7 +1,7 @@
 r"""Scaling-curve sweeps: one pipeline run per grid point, resumable, then a table and a plot.
 
   python -m experiments.sweep --config=experiments/synthetic/config.py --sweep=history_len \
-      --workdir=/tmp/sweep_history_len [--only=POINT,...]
+      --workdir=/tmp/sweep_history_len [--only=POINT,...] [--publish_dir=DIR]
 
 The experiment's config file defines its grids beside `get_config`: `get_sweep(NAME)` returns
 one override dict per point (`experiments.common.sweep_points`). The first key of a point is
@@ -13,6 +13,9 @@ Every point is validated through the typed config before anything runs.
   runs/<point>/          the pipeline workdir of each point (checkpoints, cache, results.json)
   points/<point>.json    a finished point: its overrides, metrics, FLOPs and wall times
   sweep.csv, sweep.png   every finished point, rewritten at the end of each invocation
+
+--publish_dir copies points/, sweep.csv and sweep.png (not the runs) to a results directory
+that is committed (experiments/<name>/results/sweep_<NAME>/).
 
 Resume: a point with `points/<point>.json` is skipped. Any other point resumes at the first
 stage its `stages.json` does not record as finished, and training stages resume from their
@@ -28,6 +31,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 import sys
 import time
 
@@ -44,6 +48,9 @@ _SWEEP = flags.DEFINE_string("sweep", None, "Sweep NAME[:variant] from the confi
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the sweep reads and writes.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these points (names as in points/).")
 _METRIC = flags.DEFINE_string("metric", "auc", "The metric plotted against the swept value.")
+_PUBLISH = flags.DEFINE_string(
+    "publish_dir", "", "Also copy points/, sweep.csv and sweep.png here (results to commit)."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
 
 STAGE_ORDER = tuple(pipeline.STAGES)  # The pipeline's stages, in order.
@@ -343,7 +350,22 @@ def write_outputs(workdir, metric: str, title: str) -> dict:
 
 
 # -- the driver -------------------------------------------------------------------------------
-def run_sweep(config_arg: str, sweep_arg: str, workdir, only=(), metric="auc", run_stage=None):
+def publish(workdir, publish_dir) -> None:
+    """Copies the sweep's results (no checkpoints, caches or data) to `publish_dir`, replacing
+    what was there only once the whole copy is written."""
+    workdir, target = pathlib.Path(workdir), pathlib.Path(publish_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(workdir / "points", tmp / "points")
+    for name in ("sweep.csv", "sweep.png"):
+        shutil.copy2(workdir / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def run_sweep(
+    config_arg: str, sweep_arg: str, workdir, only=(), metric="auc", run_stage=None, publish_dir=""
+):
     """Every point (or those named in `only`) in grid order, then sweep.csv and sweep.png."""
     module, variant = load_experiment(config_arg)
     base = module.get_config(variant)
@@ -360,6 +382,9 @@ def run_sweep(config_arg: str, sweep_arg: str, workdir, only=(), metric="auc", r
         if not only or point.name in only:
             run_point(point, configs[point.name], workdir, run_stage)
     out = write_outputs(workdir, metric, f"{config_arg} --sweep={sweep_arg}")
+    if publish_dir and out:
+        publish(workdir, publish_dir)
+        out["published"] = str(publish_dir)
     _log(f"wrote {out}")
     return out
 
@@ -371,7 +396,8 @@ def main(argv):
         for name, flag in (("config", _CONFIG), ("sweep", _SWEEP), ("workdir", _WORKDIR)):
             if not flag.value:
                 raise ConfigError(f"--{name} is required. Fix: pass --{name}=...")
-        run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, _ONLY.value, _METRIC.value)
+        run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, _ONLY.value, _METRIC.value,
+                  publish_dir=_PUBLISH.value)  # fmt: skip
     except UserError as e:
         if _VERBOSE.value:
             raise

@@ -39,7 +39,10 @@ class FakeStages:
             length = config.data.history_window
             auc = {"vista_downstream": 0.7 + length / 1e4 + config.seed / 100, "recent_only": 0.6}
             models = {m: {"auc": a, "logloss": 0.5, "ne": 0.9} for m, a in auc.items()}
-            evaluation.write_json(run_dir / "results.json", {"models": models, "oracle_auc": 0.83})
+            reference = {"history_count_auc": 0.7 + length / 2e4}
+            evaluation.write_json(run_dir / "results.json",
+                                  {"models": models, "oracle_auc": 0.83,
+                                   "reference_aucs": reference})  # fmt: skip
 
 
 def _run(workdir, fake, **kw):
@@ -52,8 +55,8 @@ def test_grid_from_the_config_file():
     points = sweep.grid(module, "history_len")
     assert [p.x for p in points] == list(synthetic_config.HISTORY_LENGTHS)
     assert {p.seed for p in points} == {0} and points[0].x_key == "data.history_len"
-    assert points[-1].name == "history_len=2000-seed=0"
-    assert points[-1].overrides["data.history_window"] == 2000
+    assert points[-1].name == "history_len=1000-seed=0"
+    assert points[-1].overrides["data.history_window"] == 1000
     seeds = sweep.grid(module, "num_seeds:seeds=3")
     assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
     assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
@@ -130,6 +133,18 @@ def test_points_tables_and_plot_are_written(tmp_path):
     cost_only = [r for r in rows if r["model"] == "full_target_attention"]
     assert len(cost_only) == 4 and all(r["auc"] == "" for r in cost_only)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert {r["history_count_auc"] for r in vista} == {"0.715", "0.73"}
+
+
+def test_publish_copies_results_but_not_runs(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "stale.json").write_text("{}")
+    out = _run(tmp_path / "work", FakeStages(), publish_dir=tmp_path / "results")
+    published = tmp_path / "results"
+    assert out["published"] == str(published)
+    assert sorted(p.name for p in published.iterdir()) == ["points", "sweep.csv", "sweep.png"]
+    assert len(list((published / "points").glob("*.json"))) == 4
+    assert (published / "sweep.csv").read_text() == (tmp_path / "work" / "sweep.csv").read_text()
 
 
 def test_series_mean_and_std_over_seeds():
