@@ -1,21 +1,18 @@
 """One process of the multi-process test (tests/multihost_test.py): run.py's flags, then
 `train_source` and `build_cache`, recording every training step's metrics.
 
-    python tests/multihost_driver.py --devices=2 --out=DIR --copy_source_from=REF \
+    python tests/multihost_driver.py --devices=2 --out=DIR \
         --config=experiments/synthetic/config.py:tiny --workdir=W [--config.x=...] \
         [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I]
 
 The multi-process flags are run.py's own (`run.distributed_options`); `--devices` sets the
 host platform's device count before JAX starts. Writes `DIR/metrics_<process>.json`: the
-metrics of every step, in order. With `--copy_source_from`, a second workdir `W_from_ref`
-takes REF's `source/` checkpoint and builds its cache from it too, so the caches of one and
-of N processes can be compared from the same summarizer.
+metrics of every step, in order.
 """
 
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -32,7 +29,6 @@ def _pop_flag(argv: list[str], name: str) -> str | None:
 def main(argv: list[str]) -> None:
     devices = _pop_flag(argv, "devices") or "1"
     out = pathlib.Path(_pop_flag(argv, "out"))
-    copy_from = _pop_flag(argv, "copy_source_from")
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -51,12 +47,6 @@ def main(argv: list[str]) -> None:
     config, workdir = run._CONFIG.value, pathlib.Path(run._WORKDIR.value)
     for mode in ("train_source", "build_cache"):
         pipeline.train_and_evaluate(config, workdir, mode)
-    if copy_from:
-        other = workdir.with_name(workdir.name + "_from_ref")
-        if distributed.is_primary():
-            shutil.copytree(pathlib.Path(copy_from) / "source", other / "source")
-        distributed.barrier("copied_source")
-        pipeline.train_and_evaluate(config, other, "build_cache")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"metrics_{distributed.process_index()}.json").write_text(json.dumps(steps))
 

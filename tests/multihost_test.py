@@ -1,24 +1,28 @@
 """Multi-process runs (docs/MULTIHOST.md) against one process, on loopback CPU collectives.
 
-The end-to-end test launches `tests/multihost_driver.py` as 1 process x 4 CPU devices, then
-as 2 processes x 2 devices under `jax.distributed` (gloo), and compares the loss curves of
-`train_source` and the caches `build_cache` wrote. The other tests hold the pieces (input
+The end-to-end test launches `tests/multihost_driver.py` as 1 process x 4 CPU devices and,
+at the same time, as 2 processes x 2 devices under `jax.distributed` (gloo); it compares the
+loss curves of `train_source`, and the cache the 2 processes built with the one a single
+process builds here from their summarizer checkpoint. The other tests hold the pieces (input
 shards, the store's group write) to their single-process references in this process.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 
 import grain
+import jax
 import numpy as np
 import pytest
 
-from vista_jax import store_group
+from vista_jax import distributed, pipeline, sharding, store_group
+from vista_jax.config import from_config_dict
 from vista_jax.data import inputs
 from vista_jax.errors import ConfigError
 from vista_jax.store import RowBlock, SummaryStore, SummaryStoreError
@@ -28,22 +32,24 @@ DRIVER = ROOT / "tests" / "multihost_driver.py"
 TIMEOUT_S = 240  # per launch; a hung collective fails the test instead of the suite
 # A config small enough to compile quickly; the cache has 24 rows in shards of 8, so each of
 # two processes writes whole shards of its own.
-CONFIG = [
-    "--config=experiments/synthetic/config.py:tiny",
-    "--config.mesh.shape=(4,1)",
-    "--config.data.num_users=24",
-    "--config.data.history_len=100",
-    "--config.data.history_window=100",
-    "--config.data.num_candidates=16",
-    "--config.data.num_recent=8",
-    "--config.summarizer.num_layers=1",
-    "--config.summarizer.d_model=16",
-    "--config.summarizer.num_seeds=4",
-    "--config.summarizer.chunk_size=32",
-    "--config.ranker.d_model=16",
-    "--config.source.num_steps=3",
-    "--config.cache.chunk_rows=8",
-    "--config.cache.batch_size=8",
+OVERRIDES = {
+    "mesh.shape": (4, 1),
+    "data.num_users": 24,
+    "data.history_len": 100,
+    "data.history_window": 100,
+    "data.num_candidates": 16,
+    "data.num_recent": 8,
+    "summarizer.num_layers": 1,
+    "summarizer.d_model": 16,
+    "summarizer.num_seeds": 4,
+    "summarizer.chunk_size": 32,
+    "ranker.d_model": 16,
+    "source.num_steps": 3,
+    "cache.chunk_rows": 8,
+    "cache.batch_size": 8,
+}
+CONFIG = ["--config=experiments/synthetic/config.py:tiny"] + [
+    f"--config.{k}={v}".replace(" ", "") for k, v in OVERRIDES.items()
 ]
 
 
@@ -55,24 +61,26 @@ def _free_port() -> int:
 
 def _launch(args_per_process: list[list[str]], env: dict, logs: pathlib.Path) -> None:
     """Runs the driver processes together; kills them all if one fails or they time out."""
-    procs = []
+    procs, files = [], []
     try:
         for i, args in enumerate(args_per_process):
-            log = open(logs / f"log_{len(list(logs.iterdir()))}_{i}.txt", "w")  # noqa: SIM115
-            procs.append((subprocess.Popen([sys.executable, str(DRIVER), *args], cwd=ROOT,
-                                           env=env, stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
-        for proc, _ in procs:
+            files.append(open(logs / f"process_{i}.txt", "w"))  # noqa: SIM115
+            command = [sys.executable, str(DRIVER), *args]
+            out = files[-1]
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out))
+        for proc in procs:
             proc.wait(timeout=TIMEOUT_S)
     finally:
-        for proc, log in procs:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
-    failed = [(p.args, p.returncode) for p, _ in procs if p.returncode != 0]
+        for f in files:
+            f.close()
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        tails = "\n".join(f.read_text()[-3000:] for f in sorted(logs.iterdir()))
-        pytest.fail(f"driver failed: {failed}\n{tails}")
+        tails = "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(logs.iterdir()))
+        pytest.fail(f"driver processes (index, exit status) {failed} failed:\n{tails}")
 
 
 def _read_all(root) -> dict:
@@ -83,30 +91,23 @@ def _read_all(root) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(one-process dir, two-process dir): metrics and workdirs of both launches."""
+    """(one-process dir, two-process dir): the metrics and workdir of each launch, run at
+    the same time (each process compiles alone: 3 processes on the test's 2 cores)."""
     tmp = tmp_path_factory.mktemp("multihost")
     logs = tmp / "logs"
     logs.mkdir()
-    env = os.environ | {  # Both launches share compiled programs (init ops, mostly).
-        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
     one, two = tmp / "one", tmp / "two"
-    data = [f"--config.data.data_dir={tmp / 'data'}"]
-    _launch(
-        [[*CONFIG, *data, "--devices=4", f"--workdir={one / 'work'}", f"--out={one}"]], env, logs
-    )
     address = f"127.0.0.1:{_free_port()}"
-    data = [f"--config.data.data_dir={tmp / 'data_two'}"]  # Built by process 0 first.
+    single = [f"--config.data.data_dir={one / 'data'}", "--devices=4"]
+    multi = [f"--config.data.data_dir={two / 'data'}", "--devices=2",  # process 0 builds it
+             f"--coordinator_address={address}", "--num_processes=2"]  # fmt: skip
     _launch(
-        [
-            [*CONFIG, *data, "--devices=2", f"--workdir={two / 'work'}", f"--out={two}",
-             f"--copy_source_from={one / 'work'}", f"--coordinator_address={address}",
-             "--num_processes=2", f"--process_id={i}"]  # fmt: skip
+        [[*CONFIG, *single, f"--workdir={one / 'work'}", f"--out={one}"]]
+        + [
+            [*CONFIG, *multi, f"--process_id={i}", f"--workdir={two / 'work'}", f"--out={two}"]
             for i in range(2)
         ],
-        env,
+        os.environ,
         logs,
     )
     return one, two
@@ -130,25 +131,39 @@ def test_two_processes_give_the_loss_curve_of_one(runs):
     assert len(set(losses)) == len(losses)  # The curve moves: equal curves mean something.
 
 
-def test_two_processes_build_the_cache_of_one(runs):
+def _typed_config(data_dir):
+    from experiments.synthetic import config as synthetic
+
+    config = synthetic.get_config("tiny")
+    for key, value in OVERRIDES.items():
+        section, name = key.split(".")
+        setattr(config[section], name, value)
+    config.data.data_dir = str(data_dir)
+    return from_config_dict(config)
+
+
+def test_two_processes_build_the_cache_of_one(runs, tmp_path):
     one, two = runs
-    want = _read_all(one / "work" / "cache")
-    # From the same summarizer checkpoint: the same rows, bit for bit.
-    same = _read_all(two / "work_from_ref" / "cache")
-    assert same["present"].all() and want["present"].all()
-    for key in ("values", "scale", "coverage", "event_time"):
-        np.testing.assert_array_equal(same[key], want[key], err_msg=key)
-    manifest = same["store"].manifest
+    got = _read_all(two / "work" / "cache")
+    assert got["present"].all()
+    manifest = got["store"].manifest
     assert manifest["present_rows"] == manifest["num_rows"] == 24
+    shards = list((two / "work" / "cache").rglob("row/c/*/*"))
+    assert len(shards) == 3  # 24 rows in shards of 8: process 0 wrote 2, process 1 one
+    # One process, from the same summarizer checkpoint: the same rows, bit for bit.
+    config = _typed_config(two / "data")
+    shutil.copytree(two / "work" / "source", tmp_path / "source")
+    pipeline.build_cache(config, tmp_path, pipeline.load_data(config, tmp_path))
+    want = _read_all(tmp_path / "cache")
+    for key in ("values", "scale", "present", "coverage", "event_time"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert manifest["watermark"] == want["store"].manifest["watermark"]
-    # From the two-process training run: equal to float tolerance (the summarizers agree to
-    # rounding), so the dequantized summaries agree to about one int8 step.
-    trained = _read_all(two / "work" / "cache")
-    np.testing.assert_array_equal(trained["coverage"], want["coverage"])
-    got = trained["store"].read(np.arange(24)).summaries
-    ref = want["store"].read(np.arange(24)).summaries
-    step = np.abs(ref).max(axis=-1, keepdims=True) / 127
-    assert np.all(np.abs(got - ref) <= 1.01 * step + 1e-6)
+    # Against the single-process run: its summarizer trained to the same float tolerance, so
+    # the dequantized summaries agree to about one int8 step.
+    ref = _read_all(one / "work" / "cache")
+    np.testing.assert_array_equal(ref["coverage"], got["coverage"])
+    a, b = (r["store"].read(np.arange(24)).summaries for r in (got, ref))
+    assert np.all(np.abs(a - b) <= 1.01 * np.abs(b).max(axis=-1, keepdims=True) / 127 + 1e-6)
 
 
 # -- the pieces, in this process ----------------------------------------------------------------
@@ -285,3 +300,55 @@ def test_group_write_fails_everywhere_and_publishes_nothing(tmp_path):
 def test_group_write_refuses_ocdbt(tmp_path):
     _, errors = _group_write(tmp_path / "group", 2, 24, layout="ocdbt")
     assert all("ocdbt" in str(e) for e in errors)
+
+
+# -- joining a run ------------------------------------------------------------------------------
+def test_run_py_flags_make_the_distributed_options():
+    from absl import flags
+
+    import run
+
+    argv = ["run.py", "--config=experiments/synthetic/config.py:tiny", "--workdir=/tmp/unused",
+            "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1",
+            "--local_device_ids=0,1"]  # fmt: skip
+    try:
+        run.parse_flags(argv)
+        options = run.distributed_options()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert options.requested
+    assert (options.coordinator_address, options.num_processes, options.process_id) == (
+        "127.0.0.1:1234", 2, 1,
+    )  # fmt: skip
+    assert options.local_device_ids == (0, 1)
+
+
+def test_one_process_never_initializes(monkeypatch):
+    def fail(**kwargs):
+        raise AssertionError("jax.distributed.initialize called")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    assert not distributed.initialize(distributed.DistributedOptions())
+    assert distributed.broadcast_text("x") == "x" and distributed.gather_text("x") == ["x"]
+    assert distributed.batch_shard(
+        sharding.make_mesh((4, 1), ("data", "model"), jax.devices()[:4])
+    ) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(num_processes=2, process_id=2), "process_id must lie in"),
+        (dict(coordinator_address="node0"), "host:port"),
+        (dict(num_processes=0), "num_processes must be >= 1"),
+    ],
+)
+def test_bad_distributed_flags_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.initialize(distributed.DistributedOptions(**options))
+
+
+def test_a_multi_process_mesh_must_span_every_device(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"needs a mesh over all 8 devices.*\(8, 1\)"):
+        sharding.make_mesh((1, 1), ("data", "model"))
