@@ -151,7 +151,7 @@ def snapshot_rows(
         record = data.source[u]
         gaps = ex.user_gaps(record, data.spec.num_gap_buckets)
         for j, s in enumerate(data.snapshots(u)):
-            if data.row_offsets[u] + j not in rows:
+            if int(data.row_offsets[u]) + j not in rows:
                 continue
             last_time = record["time"][s - 1] if s else 0
             yield (

@@ -167,7 +167,7 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
         return summary, aux["states"]
 
     # A multi-process build: each process summarizes its own rows (whole store shards) on
-    # its own devices and writes them into one version that process 0 names and publishes.
+    # its first local device and writes them into one version process 0 names and publishes.
     group = distributed.process_group()
     rows = store_group.row_range(data.num_rows, config.cache.chunk_rows, group.index, group.count)
     version = distributed.broadcast_text(f"v{step:08d}-{int(time.time())}")

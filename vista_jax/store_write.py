@@ -265,17 +265,10 @@ class _ArraySink:
     row_record = None
 
     def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context, shared):
-        self._arrays = {
-            name: _create_array(
-                array_kvstore(root_spec, prefix, layout, name),
-                shape,
-                dtype,
-                chunk_rows,
-                context,
-                shared,
-            )  # fmt: skip
-            for name, (shape, dtype) in schema.items()
-        }
+        self._arrays = {}
+        for name, (shape, dtype) in schema.items():
+            kvstore = array_kvstore(root_spec, prefix, layout, name)
+            self._arrays[name] = _create_array(kvstore, shape, dtype, chunk_rows, context, shared)
 
     def write(self, ids: np.ndarray, values: dict) -> None:
         """Writes one block to every array and waits until it is committed."""
