@@ -2,6 +2,10 @@
 
 python run.py --config=experiments/synthetic/config.py --workdir=/tmp/vista --mode=all
 
+Launched as N processes (one per host or GPU), each joins the run with --distributed
+(cluster auto-detection: SLURM, Open MPI, Cloud TPU, Kubernetes) or with
+--coordinator_address, --num_processes and --process_id (docs/MULTIHOST.md).
+
 Mistakes a user can fix (bad data, flags, config, cache, checkpoint) print as one line on
 stderr and exit with status 2; `--verbose` shows their traceback too.
 """
@@ -14,13 +18,28 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vista_jax import pipeline
+from vista_jax import distributed, pipeline
 from vista_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage reads and writes.")
 _MODE = flags.DEFINE_enum("mode", "all", pipeline.MODES, "Which stage(s) to run.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process run via jax.distributed.initialize(), which detects the cluster "
+    "(SLURM, Open MPI, Cloud TPU, Kubernetes) and reads JAX_COORDINATOR_ADDRESS. Implied by "
+    "any of the flags below.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: host:port of process 0's coordinator."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process, 0..N-1.")
+_LOCAL_DEVICES = flags.DEFINE_list(
+    "local_device_ids", None, "Multi-process run: the local devices (GPU ids) of this process."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERROR_EXIT = 2
@@ -82,10 +101,23 @@ def parse_flags(argv):
         _fail(str(e))
 
 
+def distributed_options() -> distributed.DistributedOptions:
+    """The multi-process flags; none given: a single process (no jax.distributed)."""
+    local = _LOCAL_DEVICES.value
+    return distributed.DistributedOptions(
+        enabled=_DISTRIBUTED.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        local_device_ids=tuple(int(i) for i in local) if local else None,
+    )
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     try:
+        distributed.initialize(distributed_options())  # Before anything touches JAX.
         pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
     except UserError as e:
         if _VERBOSE.value:

@@ -137,3 +137,29 @@ def test_as_of_refuses_rows_without_stamps(tmp_path):
     )  # fmt: skip
     with pytest.raises(SummaryStoreError, match="event-time stamp"):
         cache.as_of(SummaryStore.open(root), data, 0, 2_000)
+
+
+@pytest.mark.parametrize("count, chunk_rows", [(2, 4), (3, 5), (4, 64)])
+def test_row_blocks_of_process_shares_make_the_whole_build(count, chunk_rows):
+    """A multi-host build's processes each summarize `store_group.row_range` (shares cut
+    inside a user's rows too); together they give every row once, as one process does."""
+    from vista_jax import store_group
+
+    data = _sequence_data()
+
+    def rows_of(blocks):
+        out = {}
+        for b in blocks:
+            for i, row in enumerate(b.row_ids.tolist()):
+                out[row] = (b.summaries[i, 0, 0], b.coverage[i], b.event_time[i])
+        return out
+
+    whole = rows_of(cache.row_blocks(data, _count_events, 8))
+    parts = [
+        rows_of(cache.row_blocks(data, _count_events, 8, rows))
+        for rows in (
+            store_group.row_range(data.num_rows, chunk_rows, i, count) for i in range(count)
+        )
+    ]
+    assert sum(len(p) for p in parts) == len(whole) == data.num_rows
+    assert {row: v for p in parts for row, v in p.items()} == whole

@@ -148,12 +148,21 @@ def keeps_states(data: SequenceData) -> bool:
     return last_snapshot <= data.spec.history_window
 
 
-def snapshot_rows(data: SequenceData) -> Iterator[tuple[int, int, int, dict]]:
-    """(row id, snapshot, last covered time, summarizer input) per row; each record read once."""
-    for u in range(data.num_users):
+def snapshot_rows(
+    data: SequenceData, rows: range | None = None
+) -> Iterator[tuple[int, int, int, dict]]:
+    """(row id, snapshot, last covered time, summarizer input) per row (of `rows` only, when
+    given: a process's share of a multi-host build); each record read once."""
+    rows = range(data.num_rows) if rows is None else rows
+    first_user = int(np.searchsorted(data.row_offsets, rows.start, side="right")) - 1
+    for u in range(max(first_user, 0), data.num_users):
+        if data.row_offsets[u] >= rows.stop:
+            break
         record = data.source[u]
         gaps = ex.user_gaps(record, data.spec.num_gap_buckets)
         for j, s in enumerate(data.snapshots(u)):
+            if int(data.row_offsets[u]) + j not in rows:
+                continue
             last_time = record["time"][s - 1] if s else 0
             yield (
                 data.row_offsets[u] + j,
@@ -190,15 +199,19 @@ def row_event_times(last_time, coverage) -> np.ndarray:
     return np.where(np.asarray(coverage) > 0, np.asarray(last_time, np.int64), NO_EVENTS)
 
 
-def row_blocks(data: SequenceData, summarize: Callable, batch_size: int) -> Iterator[RowBlock]:
-    """Summarizes every row in fixed-shape batches; `summarize(hist) -> (summary, states)`.
+def row_blocks(
+    data: SequenceData, summarize: Callable, batch_size: int, rows: range | None = None
+) -> Iterator[RowBlock]:
+    """Summarizes every row (or those of `rows`) in fixed-shape batches;
+    `summarize(hist) -> (summary, states)`.
 
     Shows one progress bar on stderr.
     """
     with_states = keeps_states(data)
-    rows = snapshot_rows(data)
-    with tqdm.tqdm(total=data.num_rows, desc="build_cache", unit="row", file=sys.stderr) as bar:
-        while chunk := list(itertools.islice(rows, batch_size)):
+    total = data.num_rows if rows is None else len(rows)
+    todo = snapshot_rows(data, rows)
+    with tqdm.tqdm(total=total, desc="build_cache", unit="row", file=sys.stderr) as bar:
+        while chunk := list(itertools.islice(todo, batch_size)):
             row_ids, coverage, last_time, hists = zip(*chunk, strict=True)
             n = len(chunk)
             hist = {  # Padded to one shape: one compile.

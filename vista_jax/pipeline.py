@@ -26,7 +26,16 @@ import grain
 import numpy as np
 from flax import nnx
 
-from vista_jax import cache, checkpoints, evaluation, metrics, refresh, sharding
+from vista_jax import (
+    cache,
+    checkpoints,
+    distributed,
+    evaluation,
+    metrics,
+    refresh,
+    sharding,
+    store_group,
+)
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.data import datasets, inputs, synthetic
 from vista_jax.data import examples as ex
@@ -63,8 +72,9 @@ def _dir(workdir, name: str) -> pathlib.Path:
 
 # -- data and models --------------------------------------------------------------------------
 def load_data(config: ExperimentConfig, workdir) -> datasets.SequenceData:
+    """The built dataset; in a multi-process run process 0 builds it, the others reuse it."""
     data_dir = config.data.data_dir or pathlib.Path(workdir) / "data"
-    return datasets.build(config.data, data_dir)
+    return distributed.primary_first(lambda: datasets.build(config.data, data_dir), "load_data")
 
 
 def mesh_and_rules(config: ExperimentConfig):
@@ -133,7 +143,7 @@ def train_source(config: ExperimentConfig, workdir, data) -> dict:
     _, report = fit(
         model.modules(),
         make_loss_fn(data.spec.task, config.summarizer.recon_weight),
-        iter(ds.batch(config.source.batch_size)),
+        iter(inputs.batched(ds, config.source.batch_size, distributed.batch_shard(mesh))),
         config.source,
         _dir(workdir, "source"),
         mesh,
@@ -152,11 +162,17 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
     summarizer = Summarizer(scfg, nnx.Rngs(0))
     source_dir = model_dir(_dir(workdir, "source"))  # The validation-selected step.
     step = checkpoints.restore_module(source_dir, "summarizer", summarizer)
-    version = f"v{step:08d}-{int(time.time())}"
+    # A multi-process build: each process summarizes its own rows (whole store shards) on
+    # its first local device and writes them into one version process 0 names and publishes.
+    group = distributed.process_group()
+    rows = store_group.row_range(data.num_rows, config.cache.chunk_rows, group.index, group.count)
+    version = distributed.broadcast_text(f"v{step:08d}-{int(time.time())}")
     manifest = cache.SummaryStore.write_version(
         cache.cache_root(workdir, config.cache.root),
         version=version,
-        summaries=cache.row_blocks(data, cache.summarize_fn(summarizer), config.cache.batch_size),
+        summaries=cache.row_blocks(
+            data, cache.summarize_fn(summarizer), config.cache.batch_size, rows
+        ),
         num_rows=data.num_rows,
         config_hash=cache.cache_hash(scfg, data),
         summarizer_step=step,
@@ -165,18 +181,22 @@ def build_cache(config: ExperimentConfig, workdir, data) -> dict:
         quantization=config.cache.quantization,
         chunk_rows=config.cache.chunk_rows,
         coverage_info={"kind": "event_position", "rows": "one per (user, snapshot)"},
+        group=group,
     )
     _log(f"[build_cache] published {version}: {data.num_rows} rows")
     return manifest
 
 
-def downstream_batches(config: ExperimentConfig, data, store=None) -> grain.MapDataset:
+def downstream_batches(
+    config: ExperimentConfig, data, store=None, shard: tuple[int, int] = (0, 1)
+) -> grain.MapDataset:
     """The training batches of a cache-fed ranker: recent events, candidates, labels and the
     cache row (plus its summary when `store` is given); never the raw long history. With
-    early stopping, the validation requests are held out as for every other model."""
+    early stopping, the validation requests are held out as for every other model. `shard`:
+    this process's block of each batch (`inputs.batched`)."""
     hold_out = config.early_stopping.enabled
     ds = inputs.train_examples(data, config.seed + 1, with_history=False, hold_out_valid=hold_out)
-    ds = ds.batch(config.downstream.batch_size)
+    ds = inputs.batched(ds, config.downstream.batch_size, shard)
     return ds.map(cache.with_summaries(store)) if store is not None else ds
 
 
@@ -184,6 +204,7 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
     """Downstream ranker from the cache alone, and the recent-only baseline."""
     store = cache.open_cache(workdir, config.summarizer_for(data), data, root=config.cache.root)
     mesh, rules = mesh_and_rules(config)
+    shard = distributed.batch_shard(mesh)
     es = config.early_stopping
     with_summaries = cache.with_summaries(store)
     out = {}
@@ -200,7 +221,7 @@ def train_ranker(config: ExperimentConfig, workdir, data) -> dict:
         _, out[name] = fit(
             {"ranker": build_ranker(config, data, dim, config.seed)},
             make_loss_fn(data.spec.task),
-            iter(downstream_batches(config, data, store if dim else None)),
+            iter(downstream_batches(config, data, store if dim else None, shard)),
             config.downstream,
             directory,
             mesh,
@@ -226,7 +247,7 @@ def train_baselines(config: ExperimentConfig, workdir, data) -> dict:
         _, out[name] = fit(
             {"ranker": build_baseline(config, data, name, config.seed)},
             make_loss_fn(data.spec.task),
-            iter(ds.batch(config.downstream.batch_size)),
+            iter(inputs.batched(ds, config.downstream.batch_size, distributed.batch_shard(mesh))),
             config.downstream,
             _dir(workdir, name),
             mesh,
@@ -417,14 +438,16 @@ def train_and_evaluate(config, workdir, mode: str = "all") -> dict | None:
         t0 = time.monotonic()
         _log(f"== {name} ==")
         result = (STAGES | MAINTENANCE)[name](config, workdir, data)
-        _record_stage(workdir, name, time.monotonic() - t0)
+        if distributed.is_primary():  # One writer of the workdir's shared files.
+            _record_stage(workdir, name, time.monotonic() - t0)
         _log(f"== {name} done in {time.monotonic() - t0:.1f}s ==")
     if "evaluate" not in todo:
         return None
     result["provenance"] = provenance(config, workdir)
     result = evaluation.json_safe(result)
-    evaluation.write_json(pathlib.Path(workdir) / "results.json", result)
-    print(evaluation.results_table(result))
+    if distributed.is_primary():
+        evaluation.write_json(pathlib.Path(workdir) / "results.json", result)
+        print(evaluation.results_table(result))
     return result
 
 

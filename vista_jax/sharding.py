@@ -29,9 +29,16 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     """A mesh with Auto (GSPMD) axis types over all (or the given) devices.
 
     A 1x1 mesh (the default) takes the first device: one device is a mesh too, so training
-    has one code path.
+    has one code path. A multi-process run needs a mesh over every process's devices, in
+    `jax.devices()` order (grouped by process, so each feeds a contiguous block of a batch).
     """
     devices = jax.devices() if devices is None else list(devices)
+    if jax.process_count() > 1 and math.prod(shape) != len(devices):
+        raise ConfigError(  # Each process drives its own devices: the mesh needs them all.
+            f"a run of {jax.process_count()} processes needs a mesh over all {len(devices)} "
+            f"devices, but mesh shape {tuple(shape)} holds {math.prod(shape)}. Fix: set "
+            f"--config.mesh.shape so its product is {len(devices)}, e.g. ({len(devices)}, 1)"
+        )
     if math.prod(shape) == 1:
         devices = devices[:1]
     if len(shape) != len(axes):

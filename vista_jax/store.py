@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
+from vista_jax import store_group
 from vista_jax.quantize import QUANTIZATIONS, decode, dequantize_int8, quantize_int8
 from vista_jax.store_layout import (
     LAYOUTS,
@@ -269,6 +270,7 @@ class SummaryStore:
         summarizer_checkpoint: str = "",
         data_fingerprint: str = "",
         watermark: int | None = None,
+        group: store_group.Group = store_group.SINGLE,
     ) -> WriteResult:
         """Writes, then publishes, a version; moves CURRENT to it unless a newer one is
         current; returns its manifest as a `WriteResult`.
@@ -283,12 +285,21 @@ class SummaryStore:
         `watermark` is the newest event time the build read (default: the newest any row
         covers) and must be >= every row's event_time. `chunk_rows` is rows per chunk, or
         per shard with layout "rows" (`vista_jax.store_rows`).
+
+        `group`: the processes of a multi-host build, each calling this with the rows of
+        `store_group.row_range(num_rows, chunk_rows, group.index, group.count)`; they write
+        one attempt and process 0 publishes it (`vista_jax.store_group`).
         """
         check_name("version", version)
         if quantization not in QUANTIZATIONS or layout not in LAYOUTS or chunk_rows < 1:
             raise ValueError(
                 f"need quantization in {QUANTIZATIONS}, layout in {LAYOUTS}, chunk_rows >= 1; "
                 f"got {quantization!r}, {layout!r}, {chunk_rows}"
+            )
+        if group.count > 1 and layout == "ocdbt":
+            raise ValueError(
+                "layout 'ocdbt' is one database with a single writer; several processes "
+                "cannot write it. Fix: use layout 'rows' (the default) or 'plain'"
             )
         spec = root_spec(root)
         context = context or default_context()
@@ -307,9 +318,13 @@ class SummaryStore:
         )  # fmt: skip
         refuse_conflicting(base, version, where, num_rows=int(num_rows), **fields)
         manifest, rerun = write_attempt(
-            base, spec, version, blocks, num_rows, fields, coverage_info, clock, context, lineage
+            base, spec, version, blocks, num_rows, fields, coverage_info, clock, context,
+            lineage, group,
+        )  # fmt: skip
+        # Process 0's `start`: its compare-and-swap moves CURRENT, once for the group.
+        current, moved = store_group.on_primary(
+            group, lambda: list(_advance_current(base, manifest, start, where))
         )
-        current, moved = _advance_current(base, manifest, start, where)
         if current != version:
             _log.warning(
                 "published summary version %r at %s; CURRENT left at the newer %r",

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorstore as ts
 
+from vista_jax import store_group
 from vista_jax.quantize import STORED_DTYPE, encode
 from vista_jax.store_layout import (
     CORE_ARRAYS,
@@ -122,25 +123,37 @@ class WrittenArrays(NamedTuple):
 
 
 def write_arrays(
-    root_spec, prefix, blocks, *, version, num_rows, quantization, chunk_rows, layout, context
-) -> WrittenArrays:
+    root_spec, prefix, blocks, *, version, num_rows, quantization, chunk_rows, layout, context,
+    rows: range | None = None,
+) -> WrittenArrays | None:  # fmt: skip
     """Creates a version's arrays under `prefix` from its first block, then writes every
     block, one at a time (memory stays bounded by a block, and with the "rows" layout by a
-    few shards)."""
+    few shards).
+
+    `rows`: this process's share of a group build (`vista_jax.store_group.row_range`); the
+    arrays may exist already (another process created them), a block outside `rows` is an
+    error, and a process given no blocks writes nothing (returns None)."""
     if num_rows < 1:
         raise ValueError(f"version {version!r}: need num_rows >= 1, got {num_rows}")
     blocks = iter(blocks)
     first = next(blocks, None)
     if first is None:
+        if rows is not None and rows.start > 0:
+            return None
         raise ValueError(f"version {version!r}: no row blocks to write")
     schema = _array_schema(first, num_rows, quantization)
     sink = _RowsSink if layout == "rows" else _ArraySink
-    sink = sink(root_spec, prefix, layout, schema, num_rows, chunk_rows, context)
+    sink = sink(root_spec, prefix, layout, schema, num_rows, chunk_rows, context, rows is not None)
     digest = hashlib.sha256()
     written = np.zeros(num_rows, bool)
     newest = NO_EVENTS
     for block in itertools.chain([first], blocks):
         ids = _check_block(block, schema, num_rows)
+        if rows is not None and len(ids) and (ids.min() < rows.start or ids.max() >= rows.stop):
+            raise ValueError(
+                f"rows [{ids.min()}, {ids.max()}] lie outside this process's share "
+                f"[{rows.start}, {rows.stop}) of the build (store_group.row_range)"
+            )
         values = _encode_block(block, ids, schema, quantization, digest)
         sink.write(ids, values)
         written[ids] = True
@@ -178,7 +191,9 @@ def _array_schema(block: RowBlock, num_rows: int, quantization: str) -> dict[str
     return schema
 
 
-def _create_array(kvstore: dict, shape: tuple, dtype: np.dtype, chunk_rows: int, context):
+def _create_array(
+    kvstore: dict, shape: tuple, dtype: np.dtype, chunk_rows: int, context, shared=False
+):
     chunk = [min(chunk_rows, shape[0])] + [max(1, s) for s in shape[1:]]
     spec = {
         "driver": "zarr3",
@@ -189,7 +204,7 @@ def _create_array(kvstore: dict, shape: tuple, dtype: np.dtype, chunk_rows: int,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
         },
     }
-    return ts.open(spec, create=True, context=context).result()
+    return ts.open(spec, create=True, open=shared, context=context).result()
 
 
 def _check_block(block: RowBlock, schema: dict[str, tuple], num_rows: int) -> np.ndarray:
@@ -250,13 +265,11 @@ class _ArraySink:
 
     row_record = None
 
-    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context):
-        self._arrays = {
-            name: _create_array(
-                array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows, context
-            )
-            for name, (shape, dtype) in schema.items()
-        }
+    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context, shared):
+        self._arrays = {}
+        for name, (shape, dtype) in schema.items():
+            kvstore = array_kvstore(root_spec, prefix, layout, name)
+            self._arrays[name] = _create_array(kvstore, shape, dtype, chunk_rows, context, shared)
 
     def write(self, ids: np.ndarray, values: dict) -> None:
         """Writes one block to every array and waits until it is committed."""
@@ -276,7 +289,7 @@ class _RowsSink:
     """Layout "rows": core values packed per row into the sharded ``row`` array; extras
     as sharded arrays of their own (`vista_jax.store_rows`)."""
 
-    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context):
+    def __init__(self, root_spec, prefix, layout, schema, num_rows, chunk_rows, context, shared):
         (_, k, d), stored = schema["summary"]
         self._record = record_dtype(k, d, stored, "scale" in schema)
         self.row_record = {
@@ -293,6 +306,7 @@ class _RowsSink:
                     array_kvstore(root_spec, prefix, layout, name), shape, dtype, chunk_rows
                 ),
                 create=True,
+                open=shared,  # A group build: another process may have created it.
                 context=context,
             ).result()
             for name, (shape, dtype) in shapes.items()
@@ -330,30 +344,48 @@ def manifest_or_none(base: ts.KvStore, version: str | None, where: str) -> dict 
 
 
 def write_attempt(
-    base, spec, version, blocks, num_rows, fields, coverage_info, clock, context, lineage
-) -> tuple[dict, bool]:
+    base, spec, version, blocks, num_rows, fields, coverage_info, clock, context, lineage,
+    group: store_group.Group = store_group.SINGLE,
+) -> tuple[dict, bool]:  # fmt: skip
     """Writes the arrays under a fresh attempt prefix, then creates the manifest if absent;
-    returns (the published manifest, whether an identical earlier build had published it)."""
+    returns (the published manifest, whether an identical earlier build had published it).
+
+    In a `group` build every process writes its rows under the attempt process 0 names,
+    and process 0 publishes once all have written (`vista_jax.store_group`)."""
     where = describe(spec)
-    attempt = new_attempt_id(time.time_ns())
+    attempt = group.broadcast({"attempt": new_attempt_id(time.time_ns())})["attempt"]
     prefix = attempt_prefix(version, attempt)
+    shared = group.count > 1
+    rows = store_group.row_range(num_rows, fields["chunk_rows"], group.index, group.count)
     try:
-        written = write_arrays(
-            spec, prefix, blocks, version=version, num_rows=num_rows, context=context,
-            **{k: fields[k] for k in ("quantization", "chunk_rows", "layout")},
-        )  # fmt: skip
-        manifest = build_manifest(
-            version, written.schema, **fields, coverage_info=coverage_info, attempt=attempt,
-            build_clock=clock, data_digest=written.digest,
-            lineage=lineage_fields(written, lineage, version),
-        )  # fmt: skip
-        manifest, rerun = create_manifest(base, manifest, where)
+        error, written = None, None
+        try:
+            written = write_arrays(
+                spec, prefix, blocks, version=version, num_rows=num_rows, context=context,
+                rows=rows if shared else None,
+                **{k: fields[k] for k in ("quantization", "chunk_rows", "layout")},
+            )  # fmt: skip
+        except Exception as e:  # In a group, every process learns of it first.
+            error = e
+        written = store_group.combine_written(group, written, error)
+
+        def publish() -> dict:
+            manifest = build_manifest(
+                version, written.schema, **fields, coverage_info=coverage_info,
+                attempt=attempt, build_clock=clock, data_digest=written.digest,
+                lineage=lineage_fields(written, lineage, version),
+            )  # fmt: skip
+            manifest, rerun = create_manifest(base, manifest, where)
+            return {"manifest": manifest, "rerun": rerun}
+
+        published = store_group.on_primary(group, publish)
     except BaseException:
-        _discard_attempt(base, spec, version, prefix)
+        if group.index == 0:  # after every process stopped writing (combine_written)
+            _discard_attempt(base, spec, version, prefix)
         raise
-    if rerun:  # this attempt duplicates the published one: nobody reads it
+    if published["rerun"] and group.index == 0:  # a duplicate of the published one
         _discard_attempt(base, spec, version, prefix)
-    return manifest, rerun
+    return published["manifest"], published["rerun"]
 
 
 def lineage_fields(written: WrittenArrays, lineage: Lineage, version: str) -> dict:

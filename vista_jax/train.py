@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vista_jax import checkpoints, sharding
+from vista_jax import checkpoints, distributed, sharding
 from vista_jax.config import EARLY_STOPPING_METRICS, EarlyStoppingConfig, TrainConfig
 from vista_jax.errors import CheckpointError
 
@@ -196,8 +196,10 @@ def fit(
     step, and stopping early on validation when `early_stopping` is enabled.
 
     `loss_fn(modules, batch) -> (loss, metrics)`; `data` is a grain iterator (its state is
-    checkpointed); `to_device` turns a host batch into model inputs; `meta` (JSON) is saved
-    with every step (e.g. the cache version trained on); `validate(modules)` scores the
+    checkpointed) of global batches, or in a multi-process run of this process's block of
+    each (`vista_jax.data.inputs.batched`), assembled into the global batch here;
+    `to_device` turns a host batch into model inputs; `meta` (JSON) is saved with every
+    step (e.g. the cache version trained on); `validate(modules)` scores the
     validation requests (needed when early stopping is on). Each module is its own
     checkpoint item. Returns the trained (last) modules and a report: last training metrics,
     steps, wall time, examples/s and the early-stopping record (JSON-able).
@@ -238,7 +240,7 @@ def fit(
     pending, last = None, {}
     step = start
     while step < train_cfg.num_steps and not early.stopped:
-        batch = jax.device_put(to_device(next(data)), batch_sh)
+        batch = distributed.global_batch(to_device(next(data)), batch_sh)
         state, metrics = train_step(state, batch)
         if pending is not None:  # Fetch metrics one step late so the device never idles.
             last = _check_finite(stage, step, jax.device_get(pending))

@@ -14,6 +14,7 @@ import numpy as np
 
 from vista_jax.data import examples as ex
 from vista_jax.data.datasets import SequenceData
+from vista_jax.errors import ConfigError
 
 # Host-side keys that never reach the device: bookkeeping for joins and evaluation.
 _HOST_ONLY = ("seen_item", "snapshot")
@@ -144,6 +145,26 @@ def batches(items: list, size: int, pad: bool = False) -> Iterator[dict[str, np.
             filler = chunk[-1] | {"cand_mask": np.zeros_like(chunk[-1]["cand_mask"])}
             chunk = chunk + [filler] * (size - len(chunk))
         yield ex.stack(chunk)
+
+
+def batched(ds: grain.MapDataset, batch_size: int, shard: tuple[int, int] = (0, 1)):
+    """Global batches of `batch_size` from an example stream; with `shard` = (index, count)
+    (`vista_jax.distributed.batch_shard`), only block `index` of `count` contiguous blocks of
+    each, which this process feeds.
+
+    Global batch g holds stream elements [g*B, (g+1)*B) whatever the process count, so
+    N processes train on the examples one process would, in the same order; each reads only
+    its own. The iterator state counts global batches: a run resumes under another count.
+    """
+    index, count = shard
+    if batch_size % count:
+        raise ConfigError(
+            f"batch size {batch_size} does not split over {count} input shards (processes). "
+            f"Fix: use a batch size divisible by {count}"
+        )
+    if count == 1:
+        return ds.batch(batch_size)
+    return ds.batch(batch_size // count)[index::count]
 
 
 def model_inputs(batch: dict, drop_history: bool = False) -> dict:
