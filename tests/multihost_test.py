@@ -29,7 +29,7 @@ from vista_jax.store import RowBlock, SummaryStore, SummaryStoreError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "multihost_driver.py"
-TIMEOUT_S = 240  # per launch; a hung collective fails the test instead of the suite
+TIMEOUT_S = 600  # per launch (about a minute idle, minutes on a loaded CPU); a hang fails it
 # A config small enough to compile quickly; the cache has 24 rows in shards of 8, so each of
 # two processes writes whole shards of its own.
 OVERRIDES = {
