@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
 # (history_len: the 1k -> 100k grid), `:tiny` (a smoke-sized grid).
 # The default grid runs in under an hour on 2 CPU cores; `:full` is the 1k -> 100k grid (hours
 # on 2 cores: the summarizer's training cost grows linearly with the length; an accelerator's).
-HISTORY_LENGTHS = (125, 250, 500, 1000)
+HISTORY_LENGTHS = (100, 250, 500, 1000)
 FULL_HISTORY_LENGTHS = (1000, 3000, 10000, 30000, 100000)
 
 
@@ -90,7 +90,7 @@ def _history_len(opt):
                     "early_stopping.max_requests": 1000}  # fmt: skip
         return {
             "data.history_window": length,
-            "data.dormant_weight": 0.03 if full else 0.1,
+            "data.dormant_weight": 0.03 if full else 0.2,
             **size,
             "eval.batch_size": 16 if opt.tiny else 32,
             "cache.batch_size": 16 if opt.tiny else 32,
