@@ -304,23 +304,20 @@ def test_group_write_refuses_ocdbt(tmp_path):
 
 # -- joining a run ------------------------------------------------------------------------------
 def test_run_py_flags_make_the_distributed_options():
-    from absl import flags
-
-    import run
-
+    # In a fresh interpreter: run.py defines absl flags ("config", ...) that other entry
+    # points imported earlier in the suite (experiments.sweep) define too.
     argv = ["run.py", "--config=experiments/synthetic/config.py:tiny", "--workdir=/tmp/unused",
             "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1",
             "--local_device_ids=0,1"]  # fmt: skip
-    try:
-        run.parse_flags(argv)
-        options = run.distributed_options()
-    finally:
-        flags.FLAGS.unparse_flags()
-    assert options.requested
-    assert (options.coordinator_address, options.num_processes, options.process_id) == (
-        "127.0.0.1:1234", 2, 1,
-    )  # fmt: skip
-    assert options.local_device_ids == (0, 1)
+    code = (
+        "import json, sys, run; run.parse_flags(sys.argv[1:]); o = run.distributed_options(); "
+        "print(json.dumps([o.requested, o.coordinator_address, o.num_processes, "
+        "o.process_id, list(o.local_device_ids)]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=TIMEOUT_S, check=True)  # fmt: skip
+    requested, address, count, index, local = json.loads(out.stdout.strip().splitlines()[-1])
+    assert requested and (address, count, index, local) == ("127.0.0.1:1234", 2, 1, [0, 1])
 
 
 def test_one_process_never_initializes(monkeypatch):
