@@ -83,9 +83,9 @@ def _history_len(opt):
             size = {"data.num_users": 8000, "source.batch_size": 32,
                     "source.num_steps": opt.steps or 1000, "downstream.num_steps": 600,
                     "summarizer.chunk_size": 2048 if length >= 10000 else 256}  # fmt: skip
-        else:  # ~1.5 epochs of source training: more passes over fewer users memorize them.
-            size = {"data.num_users": 16000, "source.batch_size": 32,
-                    "source.num_steps": opt.steps or 600, "downstream.num_steps": 1500,
+        else:  # Early stopping ends a ranker that starts memorizing the 12.8k training users.
+            size = {"data.num_users": 16000, "source.batch_size": 64,
+                    "source.num_steps": opt.steps or 1000, "downstream.num_steps": 1500,
                     "summarizer.chunk_size": 256, "early_stopping.eval_every": 100,
                     "early_stopping.max_requests": 1000}  # fmt: skip
         return {
