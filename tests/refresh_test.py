@@ -387,14 +387,9 @@ def test_refresh_whose_parent_is_collected_meanwhile_is_withdrawn(store_root):
         SummaryStore.collect_garbage(root, keep_last=1, grace_seconds=0, context=context)
         yield RowBlock(np.array([3]), new, np.array([3]), _extras(new), np.array([3]))
 
-    parent_row = np.arange(R)
-    parent_row[3] = -1
     with pytest.raises(SummaryStoreError, match="garbage-collected while the refresh"):
-        _refresh_rows(root, context, "v1", "v2", x1, parent_row, np.array([3]), 1,
-                      blocks=blocks())  # fmt: skip
-    keys = [k.decode() for k in _kvstore(root, context).list().result()]
-    assert not [k for k in keys if k.startswith("versions/v2")]
-    assert SummaryStore.open(root, context=context).version == "other"
+        _refresh_row_3(root, context, x1, blocks())
+    _assert_v2_unpublished(root, context, current="other")
 
 
 def test_failed_refresh_write_publishes_nothing_and_deletes_its_attempt(store_root):
@@ -406,14 +401,22 @@ def test_failed_refresh_write_publishes_nothing_and_deletes_its_attempt(store_ro
         raise RuntimeError("summarizer crashed")
         yield
 
+    with pytest.raises(RuntimeError):
+        _refresh_row_3(root, context, x1, blocks())
+    _assert_v2_unpublished(root, context, current="v1")
+
+
+def _refresh_row_3(root, context, x1, blocks):
+    """Refreshes v1 into v2 rewriting row 3 from `blocks` (every other row carried)."""
     parent_row = np.arange(R)
     parent_row[3] = -1
-    with pytest.raises(RuntimeError):
-        _refresh_rows(root, context, "v1", "v2", x1, parent_row, np.array([3]), 1,
-                      blocks=blocks())  # fmt: skip
+    _refresh_rows(root, context, "v1", "v2", x1, parent_row, np.array([3]), 1, blocks=blocks)
+
+
+def _assert_v2_unpublished(root, context, current: str):
     keys = [k.decode() for k in _kvstore(root, context).list().result()]
     assert not [k for k in keys if k.startswith("versions/v2")]
-    assert SummaryStore.open(root, context=context).version == "v1"
+    assert SummaryStore.open(root, context=context).version == current
 
 
 def test_refresh_from_a_version_that_is_not_current_is_refused(store_root):

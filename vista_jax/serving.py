@@ -19,11 +19,9 @@ import dataclasses
 import pathlib
 from collections.abc import Mapping
 
-import jax
 import numpy as np
-from flax import nnx
 
-from vista_jax import cache, checkpoints, pipeline
+from vista_jax import cache, checkpoints, evaluation, pipeline
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.data.datasets import SequenceData
 from vista_jax.errors import CheckpointError, RequestError
@@ -99,8 +97,8 @@ class Scorer:
         self.ranker_config = ranker.cfg
         self.store = store
         self.index = index
-        self._forward = _bound_forward(ranker)
-        self._fallback = _bound_forward(fallback) if fallback is not None else None
+        self._forward = evaluation.bound_forward(ranker)
+        self._fallback = evaluation.bound_forward(fallback) if fallback is not None else None
 
     @classmethod
     def load(
@@ -175,14 +173,6 @@ class Scorer:
             out[key] = np.pad(x, [(0, 0), (0, r - x.shape[1])]).astype(np.int32)
         out["recent_category"] = self.index.item_category[out["recent_item"]]
         return out
-
-
-def _bound_forward(model: Ranker):
-    """`batch -> logits`, jitted once for this scorer's lifetime: the model structure is closed
-    over, not a static argument hashed on every request (~0.35 ms of a 2 ms request)."""
-    graphdef, params = nnx.split(model)
-    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch)[0])
-    return lambda batch: forward(params, batch)
 
 
 # -- loading ----------------------------------------------------------------------------------
