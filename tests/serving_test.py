@@ -197,3 +197,39 @@ def test_missing_version_or_checkpoint_is_refused(served, workdir_copy, tmp_path
         Scorer.load(config, workdir_copy, data)
     with pytest.raises(CheckpointError, match="no downstream checkpoint .*--mode=train_ranker"):
         Scorer.load(config, tmp_path / "empty", data)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "bf16", "none"])
+def test_request_forward_decodes_on_device_as_the_host_would(quantization):
+    """The serving jit (device-side decode and category lookups) gives the ranker's logits on
+    host-decoded summaries, for every stored dtype."""
+    from flax import nnx
+
+    from vista_jax.config import RankerConfig
+    from vista_jax.models.ranker import Ranker
+    from vista_jax.quantize import decode, encode
+    from vista_jax.serving import request_forward
+
+    cfg = RankerConfig(num_items=50, num_categories=5, num_recent=4, summary_dim=8)
+    ranker = Ranker(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    category = rng.integers(0, 6, size=51).astype(np.int32)
+    values, scale = encode(rng.normal(size=(3, 6, 8)).astype(np.float32), quantization)
+    request = {
+        "cand_item": rng.integers(1, 51, size=(3, 7)).astype(np.int32),
+        "recent_item": rng.integers(1, 51, size=(3, 4)).astype(np.int32),
+        "recent_action": rng.integers(0, cfg.num_actions, size=(3, 4)).astype(np.int32),
+        "recent_gap": rng.integers(0, cfg.num_gap_buckets, size=(3, 4)).astype(np.int32),
+        "recent_len": np.array([4, 2, 0], np.int32),
+        "summary_values": values,
+        "summary_mask": np.array([True, False, True]),
+    } | ({"summary_scale": scale} if scale is not None else {})
+    batch = {k: v for k, v in request.items() if not k.startswith("summary_")} | {
+        "summary": decode(values, scale),
+        "summary_mask": request["summary_mask"],
+        "cand_category": category[request["cand_item"]],
+        "recent_category": category[request["recent_item"]],
+    }
+    want, _ = ranker(batch)
+    got = request_forward(ranker, category)(request)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -203,18 +203,29 @@ def row_blocks(
     data: SequenceData, summarize: Callable, batch_size: int, rows: range | None = None
 ) -> Iterator[RowBlock]:
     """Summarizes every row (or those of `rows`) in fixed-shape batches;
-    `summarize(hist) -> (summary, states)`.
-
-    Shows one progress bar on stderr.
-    """
-    with_states = keeps_states(data)
+    `summarize(hist) -> (summary, states)`. Shows one progress bar on stderr."""
     total = data.num_rows if rows is None else len(rows)
     todo = snapshot_rows(data, rows)
-    with tqdm.tqdm(total=total, desc="build_cache", unit="row", file=sys.stderr) as bar:
+    return summarize_blocks(todo, summarize, batch_size, total, keeps_states(data))
+
+
+def summarize_blocks(
+    todo: Iterator[tuple[int, int, int, dict]],
+    summarize: Callable,
+    batch_size: int,
+    total: int,
+    with_states: bool,
+    desc: str = "build_cache",
+) -> Iterator[RowBlock]:
+    """`RowBlock`s of the `(row id, snapshot, last covered time, summarizer input)` tuples of
+    `todo` (as `snapshot_rows` yields them), summarized `batch_size` at a time, padded to one
+    shape (one compile); with the per-layer states and `last_time` as extras if
+    `with_states`. Shows one progress bar of `total` rows on stderr."""
+    with tqdm.tqdm(total=total, desc=desc, unit="row", file=sys.stderr) as bar:
         while chunk := list(itertools.islice(todo, batch_size)):
             row_ids, coverage, last_time, hists = zip(*chunk, strict=True)
             n = len(chunk)
-            hist = {  # Padded to one shape: one compile.
+            hist = {
                 k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
                 for k, v in ex.stack(hists).items()
             }

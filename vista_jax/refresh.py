@@ -101,23 +101,19 @@ def _records(data: SequenceData, users) -> dict[int, dict]:
 
 
 def recompute_blocks(plan: RowPlan, merged: SequenceData, summarize, batch_size: int):
-    """The planned rows from their windows of the merged events (as `build_cache` does)."""
+    """The planned rows from their windows of the merged events, by the cache build's own
+    batching (`cache.summarize_blocks`)."""
     records = _records(merged, plan.user)
     gaps = {u: ex.user_gaps(r, merged.spec.num_gap_buckets) for u, r in records.items()}
-    for lo in range(0, len(plan.written_rows), batch_size):
-        part = slice(lo, lo + batch_size)
-        users, snaps = plan.user[part], plan.snapshot[part]
-        hists = [ex.history_arrays(records[u], gaps[u], s, merged.spec)
-                 for u, s in zip(users.tolist(), snaps.tolist(), strict=True)]  # fmt: skip
-        n = len(hists)
-        hist = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-                for k, v in ex.stack(hists).items()}  # fmt: skip
-        summary, _ = summarize(hist)
-        last_time = _last_times(records, users, snaps)
-        yield RowBlock(
-            plan.written_rows[part], np.asarray(summary)[:n], snaps,
-            None, cache.row_event_times(last_time, snaps),
-        )  # fmt: skip
+    last_times = _last_times(records, plan.user, plan.snapshot)
+    todo = (
+        (row, s, t, ex.history_arrays(records[u], gaps[u], s, merged.spec))
+        for row, u, s, t in zip(plan.written_rows.tolist(), plan.user.tolist(),
+                                plan.snapshot.tolist(), last_times.tolist(), strict=True)
+    )  # fmt: skip
+    return cache.summarize_blocks(
+        todo, summarize, batch_size, len(plan.written_rows), with_states=False, desc="refresh"
+    )
 
 
 def fold_fn(summarizer: Summarizer):

@@ -1,9 +1,10 @@
 """Serving: score requests from a downstream ranker and one pinned summary-store version.
 
 A request is `(user_ids [B], candidate_ids [B, C] or [C][, recent events])`. The scorer reads
-each user's newest cache row (one `SummaryStore.read` per request) and never a user's event
-record, so its cost does not depend on how long the history is. The recent events (stage 2's
-raw input, fresher than the summary) come with the request, as the batch fields
+each user's newest cache row (one `SummaryStore.read_quantized` per request: int8 and scales,
+dequantized on device inside the ranker's compiled call) and never a user's event record, so
+its cost does not depend on how long the history is. The recent events (stage 2's raw input,
+fresher than the summary) come with the request, as the batch fields
 `recent_item / recent_action / recent_gap [B, R']` and `recent_len [B]`
 (`vista_jax.data.examples.recent_arrays` builds them from a user's last R + 1 events).
 
@@ -17,15 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from vista_jax import cache, checkpoints, evaluation, pipeline
+from vista_jax import cache, checkpoints, pipeline
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.data.datasets import SequenceData
 from vista_jax.errors import CheckpointError, RequestError
 from vista_jax.models.ranker import Ranker
+from vista_jax.quantize import decode
 from vista_jax.store import SummaryStore, SummaryStoreError
 from vista_jax.train import model_dir
 
@@ -97,8 +102,10 @@ class Scorer:
         self.ranker_config = ranker.cfg
         self.store = store
         self.index = index
-        self._forward = evaluation.bound_forward(ranker)
-        self._fallback = evaluation.bound_forward(fallback) if fallback is not None else None
+        self._forward = request_forward(ranker, index.item_category)
+        self._fallback = (
+            request_forward(fallback, index.item_category) if fallback is not None else None
+        )
 
     @classmethod
     def load(
@@ -140,39 +147,60 @@ class Scorer:
         users = _user_ids(user_ids, self.index)
         items = _candidate_ids(candidate_ids, len(users), self.index)
         rows = self.index.user_rows[users]
-        read = self.store.read(np.maximum(rows, 0))
+        read = self.store.read_quantized(np.maximum(rows, 0))  # int8 + scales: decoded on device
         present = read.present & (rows >= 0)
-        batch = self._recent_batch(recent, len(users)) | {
+        request = self._recent_request(recent, len(users)) | {
             "cand_item": items,
-            "cand_category": self.index.item_category[items],
-            "summary": read.summaries,
+            "summary_values": read.values,
             "summary_mask": present,
         }
-        logits = np.asarray(self._forward(batch))
+        if read.scale is not None:
+            request["summary_scale"] = read.scale
+        logits = np.asarray(self._forward(request))
         if self._fallback is not None and not present.all():
-            logits = np.where(present[:, None], logits, np.asarray(self._fallback(batch)))
+            logits = np.where(present[:, None], logits, np.asarray(self._fallback(request)))
         coverage = np.where(present, read.coverage, 0)
         return ScoredRequests(logits, ~present, coverage, self.store.version)
 
-    def _recent_batch(self, recent: Mapping | None, b: int) -> dict[str, np.ndarray]:
-        """The ranker's recent-event fields, right-padded to R; zeros when not given."""
+    def _recent_request(self, recent: Mapping | None, b: int) -> dict[str, np.ndarray]:
+        """The ranker's recent-event ids, right-padded to R with padding zeroed; zeros when
+        not given. Checked on the host, in one pass over the three id arrays."""
         cfg = self.ranker_config
-        r = cfg.num_recent
         if recent is None:
             recent = {k: np.zeros((b, 0), np.int32) for k in RECENT_KEYS[:3]}
             recent["recent_len"] = np.zeros((b,), np.int32)
-        arrays = _recent_arrays(recent, b, r)
-        valid = np.arange(arrays["recent_item"].shape[1])[None] < arrays["recent_len"][:, None]
-        limits = {"recent_item": cfg.num_items + 1, "recent_action": cfg.num_actions,
-                  "recent_gap": cfg.num_gap_buckets}  # fmt: skip
-        out = {"recent_len": arrays["recent_len"]}
-        for key, limit in limits.items():
-            x = np.where(valid, arrays[key], 0)  # Padding is ignored, whatever it holds.
-            low = 1 if key == "recent_item" else 0
-            _check_range(key, x[valid], low, limit - 1)
-            out[key] = np.pad(x, [(0, 0), (0, r - x.shape[1])]).astype(np.int32)
-        out["recent_category"] = self.index.item_category[out["recent_item"]]
+        arrays = _recent_arrays(recent, b, cfg.num_recent)
+        ids = np.stack([arrays[k] for k in RECENT_KEYS[:3]])  # [3, B, W]
+        valid = np.arange(ids.shape[2]) < arrays["recent_len"][:, None]
+        ids = np.where(valid, ids, 0)  # Padding is ignored, whatever it holds.
+        low = np.array([1, 0, 0])[:, None, None]
+        high = np.array([cfg.num_items, cfg.num_actions - 1, cfg.num_gap_buckets - 1])
+        if (valid & ((ids < low) | (ids > high[:, None, None]))).any():
+            for key, x, lo, hi in zip(RECENT_KEYS[:3], ids, low.ravel(), high, strict=True):
+                _check_range(key, x[valid], int(lo), int(hi))  # Names the first bad array.
+        ids = np.pad(ids, [(0, 0), (0, 0), (0, cfg.num_recent - ids.shape[2])]).astype(np.int32)
+        out = dict(zip(RECENT_KEYS[:3], ids, strict=True))
+        out["recent_len"] = arrays["recent_len"].astype(np.int32)
         return out
+
+
+def request_forward(model: Ranker, item_category: np.ndarray) -> Callable[[dict], jax.Array]:
+    """`request -> logits [B, C]`, one jit for this model (its structure closed over, so
+    nothing is hashed per call). A request holds ids and the summaries as stored
+    (`summary_values`, `summary_scale` for int8): dequantization and the item -> category
+    lookups of candidates and recent events run on device, in the same compiled call."""
+    graphdef, params = nnx.split(model)
+    table = jnp.asarray(item_category, jnp.int32)
+
+    @jax.jit
+    def forward(params, table, request):
+        batch = dict(request)
+        batch["summary"] = decode(batch.pop("summary_values"), batch.pop("summary_scale", None))
+        batch["cand_category"] = table[batch["cand_item"]]
+        batch["recent_category"] = table[batch["recent_item"]]
+        return nnx.merge(graphdef, params)(batch)[0]
+
+    return lambda request: forward(params, table, request)
 
 
 # -- loading ----------------------------------------------------------------------------------
