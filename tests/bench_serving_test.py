@@ -3,18 +3,20 @@ target attention one event record per request, VISTA none). No wall-clock assert
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.bench import serving
 
-LATENCY_KEYS = {"p50_ms", "p99_ms", "mean_ms", "qps", "requests", "records_read", "events_read"}
+LATENCY_KEYS = {"p50_ms", "p99_ms", "mean_ms", "qps_batch1", "requests", "records_read",
+                "events_read", "qps", "batch", "batch_p50_ms", "batches"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     cfg = serving.ServeBenchConfig(
         lengths=(100, 200), full_ta_length=200, users=2, candidates=4, k=2, d=4,
-        rounds=3, vista_per_round=2, warmup=1,
+        rounds=3, vista_per_round=2, warmup=1, batch=3, batch_rounds=2,
     )  # fmt: skip
     return cfg, serving.measure(cfg, tmp_path_factory.mktemp("data"))
 
@@ -25,7 +27,14 @@ def test_record_has_the_issue_fields_and_is_json(record):
     assert LATENCY_KEYS <= set(out["vista"]) and LATENCY_KEYS <= set(out["full_ta"])
     assert {"read_p50_ms", "input_p50_ms", "forward_p50_ms"} <= set(out["full_ta"])
     assert set(out["vista_by_length"]) == {"100", "200"}
-    assert out["vista"] == out["vista_by_length"]["200"]  # VISTA at full TA's length.
+    # VISTA at full TA's length: its batch-1 latencies, plus the batched throughput.
+    assert out["vista_by_length"]["200"].items() <= out["vista"].items()
+    assert out["qps_ratio_batch1"] == pytest.approx(
+        out["vista"]["qps_batch1"] / out["full_ta"]["qps_batch1"]
+    )
+    assert out["vista"]["batch"] == out["full_ta"]["batch"] == cfg.batch
+    assert out["vista"]["batches"] == cfg.batch_rounds * cfg.vista_per_round
+    assert out["full_ta"]["batches"] == cfg.batch_rounds
     assert out["p50_ratio_full_ta_over_vista"] == pytest.approx(
         out["full_ta"]["p50_ms"] / out["vista"]["p50_ms"]
     )
@@ -52,6 +61,20 @@ def test_full_ta_reads_each_users_record_and_vista_reads_none(record):
     for length in ("100", "200"):
         assert out["vista_by_length"][length]["records_read"] == 0
         assert out["vista_by_length"][length]["events_read"] == 0
+
+
+def test_batches_take_users_in_turn_with_their_own_inputs():
+    reqs = [
+        serving.Request(np.array([u]), np.full((1, 2), 10 * u, np.int32),
+                        {k: np.full((1, 3), u) for k in serving.RECENT_KEYS})
+        for u in range(3)
+    ]  # fmt: skip
+    out = serving.batched(reqs, 4)
+    assert len(out) == 3
+    assert out[1].users.tolist() == [1, 2, 0, 1]
+    assert out[1].candidates[:, 0].tolist() == [10, 20, 0, 10]
+    assert out[2].recent["recent_item"].shape == (4, 3)
+    assert out[2].recent["recent_len"][:, 0].tolist() == [2, 0, 1, 2]
 
 
 def test_counting_source_counts_records_and_events():

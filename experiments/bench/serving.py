@@ -24,15 +24,26 @@ What each timed request includes:
            `baselines.chunk_size`), logits back on the host. `read_p50_ms`, `input_p50_ms`
            and `forward_p50_ms` are the medians of those three parts.
 
-Every function is called `--warmup` times first (compiles excluded). Then `--rounds` rounds:
-each round times one full_ta request and `--vista_per_round` VISTA requests at each length
-(users in turn), with the order of the two kinds alternating between rounds, so load that
-drifts during the run (this machine is shared) hits both alike. `p50_ms` and `p99_ms` are
-percentiles of the per-request wall times (full_ta's p99 of 30 requests is about their
-maximum); `qps` is 1 / mean latency at batch 1 on one thread (requests served back to back,
-no batching or concurrency).
-`qps_ratio_vista_over_full_ta` compares them at `--full_ta_length` (and
-`p50_ratio_full_ta_over_vista` the medians, which a loaded machine's tail moves less);
+Every function is called `--warmup` times first (compiles excluded). Then `--rounds` rounds
+at batch 1: each round times one full_ta request and `--vista_per_round` VISTA requests at
+each length (users in turn), with the order of the two kinds alternating between rounds, so
+load that drifts during the run (this machine is shared) hits both alike. `p50_ms` and
+`p99_ms` are percentiles of those per-request wall times (full_ta's p99 of 30 requests is
+about their maximum); `qps_batch1` is 1 / their mean (requests served back to back, one at a
+time).
+
+`qps` is throughput as a server runs it: requests grouped in micro-batches of `--batch`
+users (the same size for both kinds; users in turn, each with its own candidates and recent
+events), one batch after another; qps = batch size / mean batch wall time, measured at
+`--full_ta_length` over `--batch_rounds` alternating rounds (one full_ta batch and
+`--vista_per_round` VISTA batches each). A VISTA batch is one `Scorer.score` call; a full_ta
+batch reads and slices each user's record and runs one forward over the stacked batch.
+At batch 1 VISTA's forward is mostly fixed per-call cost on a CPU (small matmuls, waking
+the thread pool: ~1 ms for ~30 MFLOP), which a batch shares; full_ta is compute-bound at
+either size. `batch_p50_ms` is the median wall time of one batch.
+`qps_ratio_vista_over_full_ta` compares the two `qps` at `--full_ta_length`,
+`qps_ratio_batch1` the `qps_batch1` (and `p50_ratio_full_ta_over_vista` the batch-1 medians,
+which a loaded machine's tail moves less);
 `vista_p50_ratio_1m_over_1k` is VISTA's p50 at the longest length over the shortest (1M over
 1k at the defaults). `records_read` counts the event records each kind opened during the
 timed requests (full_ta: one per request; vista: none). Prints progress to stderr and one JSON
@@ -84,15 +95,20 @@ class ServeBenchConfig:
     # default. On this CPU 512..2048 ran alike at 100k events and 8192 about 3x slower.
     ta_chunk_size: int = 1024
     rounds: int = 30
-    vista_per_round: int = 10  # VISTA requests per length per round.
+    vista_per_round: int = 10  # VISTA requests (or batches) per length per round.
+    batch: int = 8  # Requests per micro-batch of the `qps` (throughput) figure.
+    batch_rounds: int = 6  # Rounds of batches (one full_ta batch each).
     warmup: int = 2
     seed: int = 0
 
     def __post_init__(self):
         if self.full_ta_length not in self.lengths:
             raise ValueError(f"full_ta_length {self.full_ta_length} not in lengths {self.lengths}")
-        if min(self.users, self.rounds, self.vista_per_round, self.warmup) < 1:
-            raise ValueError("users, rounds, vista_per_round and warmup must be >= 1")
+        if min(self.users, self.rounds, self.vista_per_round, self.warmup, self.batch,
+               self.batch_rounds) < 1:  # fmt: skip
+            raise ValueError(
+                "users, rounds, vista_per_round, warmup, batch and batch_rounds must be >= 1"
+            )
 
 
 def log(msg: str) -> None:
@@ -170,9 +186,11 @@ def serving_workdir(config: ExperimentConfig, workdir: pathlib.Path, data: Seque
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    user: int
-    candidates: np.ndarray  # [1, C] int32
-    recent: dict[str, np.ndarray]  # The last R events, [1, R] (recent_len [1]).
+    """A batch of B user requests (B = 1 for the latency rounds)."""
+
+    users: np.ndarray  # [B] int64
+    candidates: np.ndarray  # [B, C] int32
+    recent: dict[str, np.ndarray]  # The last R events, [B, R] (recent_len [B]).
 
 
 def requests(data: SequenceData) -> list[Request]:
@@ -181,15 +199,28 @@ def requests(data: SequenceData) -> list[Request]:
     for u in range(data.num_users):
         record = data.source[u]
         recent = ex.recent_arrays(record, len(record["item"]), data.spec)
-        out.append(Request(u, np.asarray(record["cand_item"], np.int32)[None],
+        out.append(Request(np.array([u]), np.asarray(record["cand_item"], np.int32)[None],
                            {k: np.asarray(recent[k])[None] for k in RECENT_KEYS}))  # fmt: skip
+    return out
+
+
+def batched(reqs: list[Request], size: int) -> list[Request]:
+    """`len(reqs)` batches of `size` requests each, batch i taking users i, i+1, ... in turn."""
+    out = []
+    for i in range(len(reqs)):
+        part = [reqs[(i + j) % len(reqs)] for j in range(size)]
+        out.append(Request(
+            np.concatenate([r.users for r in part]),
+            np.concatenate([r.candidates for r in part]),
+            {k: np.concatenate([r.recent[k] for r in part]) for k in RECENT_KEYS},
+        ))  # fmt: skip
     return out
 
 
 # -- the two request paths --------------------------------------------------------------------
 def vista_request(scorer: Scorer, request: Request) -> dict[str, float]:
     t0 = time.perf_counter()
-    scored = scorer.score(np.array([request.user]), request.candidates, request.recent)
+    scored = scorer.score(request.users, request.candidates, request.recent)
     seconds = time.perf_counter() - t0
     assert not scored.recent_only.any(), "every benchmark user has a summary"
     return {"total": seconds}
@@ -203,10 +234,11 @@ def full_ta_path(config: ExperimentConfig, data: SequenceData):
 
     def run(request: Request) -> dict[str, float]:
         t0 = time.perf_counter()
-        record = data.source[request.user]
+        records = [data.source[u] for u in request.users.tolist()]
         t1 = time.perf_counter()
-        example = ex.ranking_example(record, live, request.user, data.item_category)
-        batch = inputs.model_inputs(ex.stack([example]), drop_history=False)
+        examples = [ex.ranking_example(record, live, u, data.item_category)
+                    for u, record in zip(request.users.tolist(), records, strict=True)]  # fmt: skip
+        batch = inputs.model_inputs(ex.stack(examples), drop_history=False)
         t2 = time.perf_counter()
         np.asarray(forward(batch))
         t3 = time.perf_counter()
@@ -222,7 +254,7 @@ def latency_summary(times: list[dict[str, float]]) -> dict:
         "p50_ms": float(np.percentile(total_ms, 50)),
         "p99_ms": float(np.percentile(total_ms, 99)),
         "mean_ms": float(total_ms.mean()),
-        "qps": float(1e3 / total_ms.mean()),
+        "qps_batch1": float(1e3 / total_ms.mean()),
         "requests": len(times),
     }
     for part in ("read", "input", "forward"):
@@ -233,11 +265,25 @@ def latency_summary(times: list[dict[str, float]]) -> dict:
     return out
 
 
-def time_rounds(full_ta: Callable, ta_requests: list, vista: dict, cfg: ServeBenchConfig):
-    """Per-request times of full_ta and of each VISTA length, in alternating rounds."""
+def throughput(times: list[dict[str, float]], batch: int) -> dict:
+    """`qps` (requests per second of back-to-back batches) and the batch wall times."""
+    total_ms = 1e3 * np.array([t["total"] for t in times])
+    return {
+        "qps": float(batch * 1e3 / total_ms.mean()),
+        "batch": batch,
+        "batch_p50_ms": float(np.percentile(total_ms, 50)),
+        "batches": len(times),
+    }
+
+
+def time_rounds(
+    full_ta: Callable, ta_requests: list, vista: dict, cfg: ServeBenchConfig, rounds: int
+):
+    """Per-request (or per-batch) times of full_ta and of each VISTA length, in alternating
+    rounds."""
     ta_times, vista_times = [], {length: [] for length in vista}
     step = 0
-    for r in range(cfg.rounds):
+    for r in range(rounds):
         kinds = ("full_ta", "vista") if r % 2 == 0 else ("vista", "full_ta")
         for kind in kinds:
             if kind == "full_ta":
@@ -247,8 +293,8 @@ def time_rounds(full_ta: Callable, ta_requests: list, vista: dict, cfg: ServeBen
                 for length, (fn, reqs) in vista.items():
                     vista_times[length].append(fn(reqs[step % len(reqs)]))
                 step += 1
-        if r % 5 == 4 or r == cfg.rounds - 1:
-            log(f"round {r + 1}/{cfg.rounds}: full_ta {1e3 * ta_times[-1]['total']:.1f} ms")
+        if r % 5 == 4 or r == rounds - 1:
+            log(f"round {r + 1}/{rounds}: full_ta {1e3 * ta_times[-1]['total']:.1f} ms")
     return ta_times, vista_times
 
 
@@ -282,19 +328,28 @@ def _measure(cfg: ServeBenchConfig, data_dir: pathlib.Path, top: pathlib.Path) -
         models = {"summarizer": dataclasses.asdict(config.summarizer_for(data)),
                   "ranker": dataclasses.asdict(scorer.ranker_config)}  # fmt: skip
         log(f"L={length}: dataset, cache and scorer ready in {setup_s[str(length)]:.1f}s")
-    for _ in range(cfg.warmup):  # Compiles (and first reads) excluded.
+    n = cfg.full_ta_length
+    vista_batched = {n: (vista[n][0], batched(vista[n][1], cfg.batch))}
+    ta_batched = batched(ta_requests, cfg.batch)
+    for _ in range(cfg.warmup):  # Compiles (and first reads) excluded, at both batch sizes.
         full_ta(ta_requests[0])
-        for fn, reqs in vista.values():
+        full_ta(ta_batched[0])
+        for fn, reqs in [*vista.values(), *vista_batched.values()]:
             fn(reqs[0])
-    ta_times, vista_times = time_rounds(full_ta, ta_requests, vista, cfg)
+    ta_times, vista_times = time_rounds(full_ta, ta_requests, vista, cfg, cfg.rounds)
+    log(f"batches of {cfg.batch} requests at {n} events")
+    ta_batch_times, vista_batch_times = time_rounds(
+        full_ta, ta_batched, vista_batched, cfg, cfg.batch_rounds
+    )
     by_length = {str(n): latency_summary(t) for n, t in vista_times.items()}
     lo, hi = str(min(cfg.lengths)), str(max(cfg.lengths))
     result = {
-        "vista": by_length[str(cfg.full_ta_length)],
-        "full_ta": latency_summary(ta_times),
+        "vista": by_length[str(n)] | throughput(vista_batch_times[n], cfg.batch),
+        "full_ta": latency_summary(ta_times) | throughput(ta_batch_times, cfg.batch),
         "vista_by_length": by_length,
     }
     result["qps_ratio_vista_over_full_ta"] = result["vista"]["qps"] / result["full_ta"]["qps"]
+    result["qps_ratio_batch1"] = result["vista"]["qps_batch1"] / result["full_ta"]["qps_batch1"]
     result["p50_ratio_full_ta_over_vista"] = result["full_ta"]["p50_ms"] / result["vista"]["p50_ms"]
     result["vista_p50_ratio_1m_over_1k"] = by_length[hi]["p50_ms"] / by_length[lo]["p50_ms"]
     result["config"] = config_record(cfg, config, models, setup_s)
@@ -311,8 +366,9 @@ def config_record(cfg: ServeBenchConfig, config: ExperimentConfig, models: dict,
         "num_recent": config.data.num_recent,
         "weights": "random init (cost does not depend on them)",
         "cache": {"quantization": config.cache.quantization, "kvstore": "file"},
-        "timing": "per-request wall ms at batch 1, compile excluded; qps = 1 / mean latency "
-        "(one thread, back to back); rounds alternate full_ta and vista",
+        "timing": "p50/p99: per-request wall ms at batch 1, compile excluded; qps_batch1 = 1 / "
+        "their mean; qps = requests/s in back-to-back micro-batches of `batch` requests; "
+        "rounds alternate full_ta and vista",
         "setup_s": setup_s, "backend": jax.default_backend(), "jax": jax.__version__,
         "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
         "python": platform.python_version(), "git_commit": git_commit(),
@@ -332,6 +388,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("ta_chunk_size", d.ta_chunk_size, "Full TA events per scan step.")
     flags.DEFINE_integer("rounds", d.rounds, "Timed rounds (one full_ta request each).")
     flags.DEFINE_integer("vista_per_round", d.vista_per_round, "VISTA requests per length/round.")
+    flags.DEFINE_integer("batch", d.batch, "Requests per micro-batch of the qps figure.")
+    flags.DEFINE_integer("batch_rounds", d.batch_rounds, "Rounds of batches (one full_ta each).")
     flags.DEFINE_integer("warmup", d.warmup, "Untimed calls of each path first.")
     flags.DEFINE_string("data_dir", "", "Where datasets are built (default: a temp dir).")
 
@@ -343,7 +401,8 @@ def main(argv):
     cfg = ServeBenchConfig(
         lengths=tuple(int(n) for n in f.lengths), full_ta_length=f.full_ta_length,
         users=f.users, candidates=f.candidates, k=f.k, d=f.d, ta_chunk_size=f.ta_chunk_size,
-        rounds=f.rounds, vista_per_round=f.vista_per_round, warmup=f.warmup,
+        rounds=f.rounds, vista_per_round=f.vista_per_round, warmup=f.warmup, batch=f.batch,
+        batch_rounds=f.batch_rounds,
     )  # fmt: skip
     print(json.dumps(measure(cfg, f.data_dir or None)))
 
