@@ -60,7 +60,7 @@ def test_grid_from_the_config_file():
     seeds = sweep.grid(module, "num_seeds:seeds=3")
     assert len(seeds) == 15 and [p.seed for p in seeds[:3]] == [0, 1, 2]
     assert [p.x for p in sweep.grid(module, "width")] == [16, 32, 64, 128]
-    assert points[0].overrides["source.num_steps"] == 1000
+    assert points[0].overrides["source.num_steps"] == 1500
     full = sweep.grid(module, "history_len:full")
     assert [p.x for p in full] == list(synthetic_config.FULL_HISTORY_LENGTHS)
     assert full[-1].overrides["data.history_window"] == 100000

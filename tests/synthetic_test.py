@@ -156,7 +156,7 @@ def test_history_count_predictor_gains_with_length_when_interests_are_sparse():
         assert rep["recent_only_auc"] < rep["history_count_auc"] <= rep["oracle_auc"], rep
 
 
-@pytest.mark.parametrize("history_len", [100, 1_000_000])
+@pytest.mark.parametrize("history_len", [S.MIN_HISTORY_LEN, 100, 1_000_000])
 def test_extreme_lengths(history_len):
     cfg = S.SyntheticConfig(num_users=1, history_len=history_len, seed=1)
     rec = S.generate_user(cfg, 0)
@@ -167,7 +167,7 @@ def test_extreme_lengths(history_len):
 
 def test_config_validation():
     with pytest.raises(ValueError):
-        S.SyntheticConfig(history_len=50)
+        S.SyntheticConfig(history_len=S.MIN_HISTORY_LEN - 1)
     with pytest.raises(ValueError):
         S.SyntheticConfig(num_topics=4)
     with pytest.raises(ValueError):

@@ -60,6 +60,10 @@ _TIME_BASE = 1_500_000_000
 _MAX_RECENT_COUNT_BUCKET = 4
 
 
+# The shortest history with every phase non-empty: a dormant phase and two returning windows.
+MIN_HISTORY_LEN = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     num_users: int = 1000
@@ -101,8 +105,10 @@ class SyntheticConfig:
     item_effect_std: float = 0.5
 
     def __post_init__(self):
-        if not 100 <= self.history_len <= 1_000_000:
-            raise ValueError(f"history_len must be in [100, 1_000_000], got {self.history_len}")
+        if not MIN_HISTORY_LEN <= self.history_len <= 1_000_000:
+            raise ValueError(
+                f"history_len must be in [{MIN_HISTORY_LEN}, 1_000_000], got {self.history_len}"
+            )
         need = self.num_dormant + self.num_active + self.num_returning + self.num_decoy
         if need > self.num_topics:
             raise ValueError(f"num_topics={self.num_topics} < {need} topics needed per user")
