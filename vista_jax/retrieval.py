@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from vista_jax.models.sequential import SequentialEncoder
+from vista_jax.quantize import decode
 from vista_jax.train import TrainState, init_train_state  # noqa: F401  (one train state)
 
 NEGATIVE_SAMPLING = ("per_position", "per_row")
@@ -186,10 +187,12 @@ def make_optimizer(
 
 def lifelong_inputs(batch) -> dict:
     """Keyword inputs beyond the window, for models that read them: the events before it
-    (`prefix`), or the summaries of every snapshot read from a cache (`summary`)."""
+    (`prefix`), or the summaries of every snapshot read from a cache, as stored
+    (`summary_values` [, `summary_scale`]: `retrieval_cache.attach`), dequantized here, inside
+    the jitted step, on device."""
     inputs = {"prefix_BxP": batch["prefix"]} if "prefix" in batch else {}
-    if "summary" in batch:
-        inputs["summary_BxJxKxD"] = batch["summary"]
+    if "summary_values" in batch:
+        inputs["summary_BxJxKxD"] = decode(batch["summary_values"], batch.get("summary_scale"))
     return inputs
 
 

@@ -96,7 +96,10 @@ def export(
 def attach(
     splits: sequences.SequenceSplits, root, num_snapshots: int, k: int, d: int, version=None
 ) -> sequences.SequenceSplits:
-    """`splits` with each split's `summary` [U, J, K, D] (dequantized) read from the store.
+    """`splits` with each split's summaries of every snapshot as stored: `summary_values`
+    [U, J, K, D] (int8, bf16 or f32) and, for int8, `summary_scale` [U, J, K]; the model's
+    step dequantizes them on device (`retrieval.lifelong_inputs`), so the host holds and
+    transfers a quarter of the float32 bytes.
 
     Refuses a version made from other rows or shapes, and any row the version lacks.
     """
@@ -115,14 +118,16 @@ def attach(
     for name in SPLITS:
         split = getattr(splits, name)
         n = len(split["item"])
-        read = store.read(np.arange(offset, offset + n))
+        read = store.read_quantized(np.arange(offset, offset + n))
         if not read.present.all():
             missing = offset + np.flatnonzero(~read.present)[:5]
             raise DataError(
                 f"summary cache {store.version!r} at {root} lacks {int((~read.present).sum())} "
                 f"{name} rows (store rows {missing.tolist()}...). Fix: re-export the cache"
             )
-        out[name] = split | {"summary": read.summaries.reshape(n, num_snapshots, k, d)}
+        out[name] = split | {"summary_values": read.values.reshape(n, num_snapshots, k, d)}
+        if read.scale is not None:
+            out[name]["summary_scale"] = read.scale.reshape(n, num_snapshots, k)
         offset += n
     return dataclasses.replace(splits, **out)
 
