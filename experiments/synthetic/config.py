@@ -10,13 +10,19 @@ history, yet still drive labels; the recent-only ranker cannot see them
 (docs/PROTOCOLS.md, synthetic lifelong data).
 """
 
+import dataclasses
+
 from experiments import common
+from vista_jax.data.synthetic import SyntheticConfig
 
 
 def get_config(arg: str | None = None):
     arg = common.parse_arg(arg, tiny=False)
     c = common.base_config()
-    c.data = dict(
+    # Every generator field is a config key (--config.data.dormant_weight=0.5, ...): its
+    # defaults first, then this experiment's values.
+    generator = {f.name: f.default for f in dataclasses.fields(SyntheticConfig)}
+    c.data = generator | dict(
         kind="synthetic",
         # Many users, because stage 2 must learn a rule that transfers to held-out users;
         # with 2k users it memorizes users instead (measured: eval AUC 0.55 vs train 0.78).
