@@ -6,12 +6,15 @@ import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from vista_jax import cache, evaluation, metrics, pipeline
-from vista_jax.config import from_config_dict
+from vista_jax.config import RankerConfig, from_config_dict
 from vista_jax.data import inputs
 from vista_jax.errors import CheckpointError, RequestError, UserError
-from vista_jax.serving import RECENT_KEYS, Scorer, ServingIndex
+from vista_jax.models.ranker import Ranker
+from vista_jax.quantize import decode, encode
+from vista_jax.serving import RECENT_KEYS, Scorer, ServingIndex, request_forward
 from vista_jax.store import SummaryStore, SummaryStoreError
 
 
@@ -203,13 +206,6 @@ def test_missing_version_or_checkpoint_is_refused(served, workdir_copy, tmp_path
 def test_request_forward_decodes_on_device_as_the_host_would(quantization):
     """The serving jit (device-side decode and category lookups) gives the ranker's logits on
     host-decoded summaries, for every stored dtype."""
-    from flax import nnx
-
-    from vista_jax.config import RankerConfig
-    from vista_jax.models.ranker import Ranker
-    from vista_jax.quantize import decode, encode
-    from vista_jax.serving import request_forward
-
     cfg = RankerConfig(num_items=50, num_categories=5, num_recent=4, summary_dim=8)
     ranker = Ranker(cfg, nnx.Rngs(0))
     rng = np.random.default_rng(0)

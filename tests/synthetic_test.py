@@ -3,6 +3,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from experiments.synthetic import config as synthetic_config
+from vista_jax.config import from_config_dict
 from vista_jax.data import synthetic as S
 
 CFG = S.SyntheticConfig(num_users=8, history_len=1000, seed=3)
@@ -177,11 +179,6 @@ def test_config_validation():
 def test_every_generator_field_is_a_config_key_of_the_experiment():
     """`--config.data.<field>` works for every generator knob (absl config flags refuse keys
     the config dict lacks), and a changed value reaches the generator."""
-    import dataclasses
-
-    from experiments.synthetic import config as synthetic_config
-    from vista_jax.config import from_config_dict
-
     c = synthetic_config.get_config()
     assert {f.name for f in dataclasses.fields(S.SyntheticConfig)} <= set(c.data)
     c.data.dormant_weight = 0.5
