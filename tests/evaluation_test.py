@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vista_jax import evaluation
+from vista_jax import evaluation, metrics
 
 NUM_ITEMS = 10
 # Even items are category 1, odd items category 2.
@@ -60,6 +60,10 @@ def test_catalog_candidates_carry_their_categories():
     np.testing.assert_array_equal(seen["cand_category"][0], ITEM_CATEGORY[1:])
 
 
-def test_history_exclusion_mask():
-    mask = evaluation.history_exclusion(np.array([[2, 4, 0]]), np.array([4]), 5)
-    np.testing.assert_array_equal(mask, [[False, True, False, False, False]])
+def test_seen_mask_excludes_history_but_the_target_is_still_ranked():
+    # Catalog columns 1..5 (padding column dropped); history 2, 4; target 4 (seen before).
+    mask = metrics.seen_mask(np.array([[2, 4, 0]]), 6)[:, 1:]
+    np.testing.assert_array_equal(mask, [[False, True, False, True, False]])
+    scores = np.array([[0.1, 0.9, 0.5, 0.3, 0.7]])  # Items 1..5.
+    # Target item 4 (column 3): 2 (seen) does not count; 3 and 5 score higher.
+    assert metrics.rank_of_target(scores, np.array([3]), mask)[0] == 2

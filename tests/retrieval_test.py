@@ -8,6 +8,7 @@ from flax import nnx
 
 from vista_jax import metrics, retrieval
 from vista_jax.data import sequences
+from vista_jax.errors import DataError
 from vista_jax.models.seq_layers import l2_normalize
 from vista_jax.models.sequential import SequentialEncoder, preset
 
@@ -93,7 +94,7 @@ def test_catalog_scoring_excludes_history_and_ranks_target():
     user = jnp.asarray([[np.cos(0.5), np.sin(0.5)]], jnp.float32)
     scores = np.asarray(retrieval.catalog_scores(user, items))
     assert np.isneginf(scores[0, 0]) and np.argmax(scores[0]) == 2
-    seen = retrieval.seen_mask(np.array([[2, 5, 0]]), scores.shape[1])
+    seen = metrics.seen_mask(np.array([[2, 5, 0]]), scores.shape[1])
     np.testing.assert_array_equal(seen[0], [True, False, True, False, False, True])
     assert metrics.rank_of_target(scores, np.array([3]), seen)[0] == 0
     assert metrics.rank_of_target(scores, np.array([3]))[0] == 1  # Without the exclusion.
@@ -121,6 +122,12 @@ def test_leave_one_out_rows():
     short = sequences.leave_one_out(offsets, item, time, 8, window=10)
     np.testing.assert_array_equal(short.train["target"][0][:4], [2, 3, 4, 0])
     assert "prefix" not in s.train
+
+
+def test_leave_one_out_refuses_a_log_without_a_splittable_user():
+    offsets, item, time = np.array([0, 2, 4]), np.array([1, 2, 3, 4]), np.arange(4)
+    with pytest.raises(DataError, match="at least 3 events"):
+        sequences.leave_one_out(offsets, item, time, num_items=4, window=3)
 
 
 def test_lifelong_prefix_holds_only_events_before_the_window():

@@ -76,18 +76,6 @@ def score_ranking(model, batches, prep) -> dict[str, float]:
     return out
 
 
-def history_exclusion(seen_item_BxW: np.ndarray, target_B: np.ndarray, num_items: int):
-    """[B, I] mask of catalog items to leave out: the history window, but never the target."""
-    b = len(target_B)
-    seen = np.zeros((b, num_items), bool)
-    rows = np.repeat(np.arange(b), seen_item_BxW.shape[1])
-    cols = seen_item_BxW.reshape(-1) - 1
-    keep = cols >= 0
-    seen[rows[keep], cols[keep]] = True
-    seen[np.arange(b), target_B - 1] = False
-    return seen
-
-
 def score_retrieval(data: SequenceData, model, batches, prep) -> dict[str, float]:
     catalog = np.arange(1, data.num_items + 1, dtype=np.int32)
 
@@ -102,7 +90,8 @@ def score_retrieval(data: SequenceData, model, batches, prep) -> dict[str, float
 
     ranks = []
     for batch, out in predict_batches(model, batches, with_catalog):
-        seen = history_exclusion(batch["seen_item"], batch["target_item"], data.num_items)
+        # Catalog columns are item ids 1..I; the mask's column 0 (padding) is dropped.
+        seen = metrics.seen_mask(batch["seen_item"], data.num_items + 1)[:, 1:]
         ranks.append(metrics.rank_of_target(out, batch["target_item"] - 1, seen))
     return metrics.ranking_metrics(np.concatenate(ranks), ks=RETRIEVAL_KS)
 

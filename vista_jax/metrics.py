@@ -1,7 +1,7 @@
 """Evaluation metrics in numpy (evaluation runs on host, in float64).
 
 Binary (CTR-style): `auc`, `log_loss`, `normalized_entropy`, `binary_metrics`.
-Retrieval (one target among N scored items): `rank_of_target`, `ranking_metrics`.
+Retrieval (one target among N scored items): `seen_mask`, `rank_of_target`, `ranking_metrics`.
 """
 
 from __future__ import annotations
@@ -93,6 +93,20 @@ def binary_metrics(labels, logits, mask=None) -> dict[str, float]:
         "base_rate": float(labels.mean()) if len(labels) else float("nan"),
         "count": int(len(labels)),
     }
+
+
+def seen_mask(history_BxW, num_columns: int) -> np.ndarray:
+    """bool [B, num_columns]: column j is set when item id j is in the row's history window.
+
+    Columns are item ids, so column 0 (the padding id, also what a short window is padded
+    with) is always set. The protocols' exclusion mask: passed to `rank_of_target`, seen
+    items never outrank the target, and the target itself is ranked even when it was seen.
+    """
+    history_BxW = np.asarray(history_BxW)
+    mask = np.zeros((len(history_BxW), num_columns), bool)
+    mask[np.arange(len(history_BxW))[:, None], history_BxW] = True
+    mask[:, 0] = True
+    return mask
 
 
 def rank_of_target(scores, target, exclude_mask=None) -> np.ndarray:

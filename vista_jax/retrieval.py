@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -166,15 +165,6 @@ def catalog_scores(user_BxD, items_IxD) -> jax.Array:
     """Cosine of each user with every item, [B, I]; the padding column 0 is -inf."""
     scores_BxI = user_BxD @ items_IxD.T
     return scores_BxI.at[:, 0].set(-jnp.inf)
-
-
-def seen_mask(history_BxW, num_columns: int) -> np.ndarray:
-    """bool [B, num_columns]: items in each row's history window (and padding column 0)."""
-    history_BxW = np.asarray(history_BxW)
-    mask = np.zeros((len(history_BxW), num_columns), bool)
-    mask[np.arange(len(history_BxW))[:, None], history_BxW] = True
-    mask[:, 0] = True
-    return mask
 
 
 # -- optimizer and train step -----------------------------------------------------------------

@@ -87,7 +87,7 @@ def evaluate(score_fn, params, split: sequences.Batch, batch_size: int) -> dict[
     ranks = []
     for batch, n in sequences.eval_batches(split, batch_size):
         scores = np.asarray(score_fn(params, batch))[:n]
-        seen = retrieval.seen_mask(batch["item"][:n], scores.shape[1])
+        seen = metrics.seen_mask(batch["item"][:n], scores.shape[1])
         ranks.append(metrics.rank_of_target(scores, batch["target"][:n], seen))
     return metrics.ranking_metrics(np.concatenate(ranks), KS)
 

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from vista_jax.data import examples
+
 Batch = dict[str, np.ndarray]
 
 
@@ -95,21 +97,29 @@ def leave_one_out(
     train_on_valid: bool = False,
     prefix_len: int = 0,
 ) -> SequenceSplits:
-    """Train rows for users with >= 2 training events; valid/test for users with >= 3 events."""
+    """Rows of the users that `examples.retrieval_requests` splits (>= 3 events).
+
+    The validation and test requests are its (user, n-2) and (user, n-1) pairs; a user's train
+    row holds the events before the held-out validation target (the test target with
+    `train_on_valid`), when they give at least one supervised position. Raises `DataError`
+    when no user has 3 events.
+    """
     time = np.asarray(time, np.int64)
     time = (time - time.min()).astype(np.int32) if len(time) else time.astype(np.int32)
-    train, valid, test = [], [], []
-    for u in range(len(offsets) - 1):
-        lo, hi = int(offsets[u]), int(offsets[u + 1])
-        u_item, u_time, n = item[lo:hi], time[lo:hi], hi - lo
-        end = n - 1 if train_on_valid else n - 2
-        if end >= 2:
-            train.append(_train_row(u_item, u_time, end, window, prefix_len))
-        if n >= 3:
-            for split, t in ((valid, n - 2), (test, n - 1)):
-                row = _request_row(u_item, u_time, t, window, prefix_len)
-                split.append(row | {"user": np.int32(u)})
-    return SequenceSplits(_stack(train), _stack(valid), _stack(test), num_items, window)
+    lengths = np.diff(np.asarray(offsets, np.int64))
+    pairs = {split: examples.retrieval_requests(lengths, split) for split in ("valid", "test")}
+    rows = {"train": [], "valid": [], "test": []}
+    for u, t in pairs["test" if train_on_valid else "valid"]:
+        if t >= 2:  # The train row stops before t: events [0, t) give t - 1 targets.
+            lo = int(offsets[u])
+            rows["train"].append(_train_row(item[lo:], time[lo:], t, window, prefix_len))
+    for split in ("valid", "test"):
+        for u, t in pairs[split]:
+            lo = int(offsets[u])
+            row = _request_row(item[lo:], time[lo:], t, window, prefix_len)
+            rows[split].append(row | {"user": np.int32(u)})
+    splits = {k: _stack(v) for k, v in rows.items()}
+    return SequenceSplits(**splits, num_items=num_items, window=window)
 
 
 def from_event_log(
