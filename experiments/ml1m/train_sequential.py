@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from vista_jax import fingerprints, metrics, retrieval, retrieval_cache
+from vista_jax import checkpoints, fingerprints, metrics, retrieval, retrieval_cache
 from vista_jax.data import sequences
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
@@ -102,47 +102,59 @@ def log_eval(row: dict) -> None:
 
 
 class Progress:
-    """Atomic save/restore of (train state, numpy rng, evals, epoch times) in `resume_dir`.
+    """Resumable training in `resume_dir`: one `vista_jax.checkpoints` step per evaluation.
 
-    The state's leaves go to one .npz in tree order, the rest to JSON, each written to a
-    temporary name and renamed, the JSON last: a kill leaves the previous save intact. A save
-    records the flags it was made with; resuming under different flags is refused.
+    Items: the encoder's parameters, the optimizer state, the numpy rng (shuffling) as the
+    data state, and the record (epoch, evals, epoch times, wall time) with the run's flags as
+    meta. A kill mid-save leaves the previous step readable; a damaged newest step falls back
+    to the one before. Resuming under other flags is refused, naming them.
     """
 
-    def __init__(self, directory: str, run_flags: dict):
-        self.dir = pathlib.Path(directory) if directory else None
-        self.flags = run_flags
+    ITEM = "encoder"
 
-    def save(self, state, rng, record: dict) -> None:
+    def __init__(self, directory: str, run_flags: dict):
+        self.dir = pathlib.Path(directory).absolute() if directory else None
+        self.flags = run_flags
+        self._mngr = None
+
+    def _manager(self):
+        if self._mngr is None:
+            self._mngr = checkpoints.manager(self.dir, (self.ITEM,), keep=2)
+        return self._mngr
+
+    def save(self, graphdef, state, rng, record: dict) -> None:
         if self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        leaves = jax.device_get(jax.tree.leaves(state))
-        tmp = self.dir / "state.tmp.npz"
-        np.savez(tmp, *leaves)
-        os.replace(tmp, self.dir / "state.npz")
-        meta = record | {"flags": self.flags, "rng": rng.bit_generator.state}
-        (self.dir / "progress.tmp.json").write_text(json.dumps(meta))
-        os.replace(self.dir / "progress.tmp.json", self.dir / "progress.json")
+        mngr = self._manager()
+        checkpoints.save(
+            mngr, record["epoch"], {self.ITEM: nnx.merge(graphdef, state.params)},
+            {"step": state.step, "opt": state.opt_state}, {"rng": rng.bit_generator.state},
+            record | {"flags": self.flags},
+        )  # fmt: skip
+        mngr.wait_until_finished()
 
     def restore(self, state, rng):
         """(state, record) from the last save, or (state, None) when there is none."""
-        if self.dir is None or not (self.dir / "progress.json").exists():
+        if self.dir is None or not self.dir.is_dir() or self._manager().latest_step() is None:
             return state, None
-        meta = json.loads((self.dir / "progress.json").read_text())
         # A flag added since the save compares as its default (the save ran without it).
-        saved = {k: meta["flags"].get(k, FLAGS[k].default) for k in self.flags}
+        meta = checkpoints.read_meta(self.dir)
+        saved = {k: meta.get("flags", {}).get(k, FLAGS[k].default) for k in self.flags}
         if saved != self.flags:
             diff = {k: (saved[k], v) for k, v in self.flags.items() if saved[k] != v}
             raise app.UsageError(
                 f"{self.dir} holds a run with other flags (saved, now): {diff}. "
                 "Fix: rerun with the saved flags or use another --resume_dir"
             )
-        with np.load(self.dir / "state.npz") as saved:
-            leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        treedef = jax.tree.structure(state)
-        rng.bit_generator.state = meta.pop("rng")
-        return jax.tree.unflatten(treedef, leaves), meta
+        opt = {"step": state.step, "opt": state.opt_state}
+        targets = {self.ITEM: checkpoints.abstract(state.params)}
+        targets[checkpoints.OPT_ITEM] = checkpoints.abstract(opt)
+        json_items = (checkpoints.DATA_ITEM, checkpoints.META_ITEM)
+        _, restored = checkpoints.restore(self._manager(), targets, json_items=json_items)
+        rng.bit_generator.state = restored[checkpoints.DATA_ITEM]["rng"]
+        opt = restored[checkpoints.OPT_ITEM]
+        state = retrieval.TrainState(opt["step"], restored[self.ITEM], opt["opt"])
+        return state, dict(restored[checkpoints.META_ITEM])
 
 
 def train_and_evaluate() -> dict:
@@ -243,7 +255,7 @@ def train_and_evaluate() -> dict:
             evals.append(row)
             log_eval(row)
             record = {"epoch": epoch, "evals": evals, "epoch_seconds": epoch_seconds}
-            progress.save(state, rng, record | {"wall_seconds": time.time() - start})
+            progress.save(graphdef, state, rng, record | {"wall_seconds": time.time() - start})
         if over_budget:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
             break
