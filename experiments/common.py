@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
             ),
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(batch_size=64, split="test"))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64, split="test", bootstrap_samples=1000))
     # Off here; the ranking configs turn it on with one rule for every model.
     c.early_stopping = ml_collections.ConfigDict(
         dict(eval_every=0, patience=3, metric="auc", max_requests=0, min_delta=0.0)

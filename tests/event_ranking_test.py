@@ -187,6 +187,15 @@ def test_results_json_has_every_model_with_metrics_cost_and_provenance(tiny_rank
         assert m["train"]["steps"] == 6 and m["train"]["epochs"] > 0
         assert [s for s, _ in m["train"]["valid_history"]] == [3, 6]
         assert m["train"]["examples_per_s"] > 0 and m["train"]["wall_s"] > 0
+    paired = results["paired"]
+    assert paired["reference"] == "vista_downstream" and set(paired["models"]) == want - {
+        "vista_downstream"
+    }
+    for name, test in paired["models"].items():
+        gap = results["models"]["vista_downstream"]["auc"] - results["models"][name]["auc"]
+        assert test["diff"] == pytest.approx(gap, abs=1e-9)
+        assert test["ci95"][0] <= test["ci95"][1] and 0 < test["p_value"] <= 1
+        assert 1 < test["num_groups"] <= results["dataset"]["num_users"]
     prov = results["provenance"]
     assert prov["git_commit"] and prov["command"] and prov["early_stopping"]["eval_every"] == 3
     assert set(prov["stages"]) == set(pipeline.STAGES)

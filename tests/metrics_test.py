@@ -88,3 +88,52 @@ def test_ranking_metrics_hand_computed():
     assert set(metrics.ranking_metrics([0])) == {
         "hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_auc_equals_auc_of_the_repeated_candidates(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300).astype(float)
+    scores = rng.integers(0, 20, 300).astype(float)  # Many ties.
+    weights = rng.integers(0, 4, 300)
+    auc_of = metrics.weighted_auc_fn(labels, scores)
+    assert auc_of(np.ones(300)) == pytest.approx(metrics.auc(labels, scores), abs=1e-12)
+    repeated = np.repeat(np.arange(300), weights)
+    expected = _pairwise_auc(labels[repeated], scores[repeated])
+    assert auc_of(weights) == pytest.approx(expected, abs=1e-12)
+
+
+def _two_models(gap, num_users=200, per_user=20, seed=0):
+    """Labels and two scorings; model a sees the label signal `gap` more strongly than b."""
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(num_users), per_user)
+    labels = rng.integers(0, 2, len(user)).astype(float)
+    noise = rng.normal(size=(2, len(user)))
+    return labels, labels * (0.5 + gap) + noise[0], labels * 0.5 + noise[1], user
+
+
+def test_paired_bootstrap_finds_a_real_gap_and_not_a_null_one():
+    labels, a, b, user = _two_models(gap=0.5)
+    out = metrics.paired_auc_bootstrap(labels, a, b, user, num_samples=300)
+    assert out["diff"] == pytest.approx(metrics.auc(labels, a) - metrics.auc(labels, b))
+    assert out["ci95"][0] > 0 and out["p_value"] < 0.01 and out["num_groups"] == 200
+    # Two scorings of the same model quality: no significant gap, and the sign flips b <-> a.
+    labels, a, b, user = _two_models(gap=0.0, seed=1)
+    out = metrics.paired_auc_bootstrap(labels, a, b, user, num_samples=300)
+    assert out["ci95"][0] < 0 < out["ci95"][1] and out["p_value"] > 0.05
+    back = metrics.paired_auc_bootstrap(labels, b, a, user, num_samples=300)
+    assert back["diff"] == pytest.approx(-out["diff"])
+
+
+def test_paired_bootstrap_resamples_users_not_candidates():
+    # One user's candidates share a large per-user offset in model a's scores only: the
+    # candidate-level spread understates the noise; clustering by user widens the interval.
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(40), 50)
+    labels = rng.integers(0, 2, len(user)).astype(float)
+    a = labels + rng.normal(size=len(user)) + 3 * rng.normal(size=40)[user] * labels
+    b = labels + rng.normal(size=len(user))
+    by_user = metrics.paired_auc_bootstrap(labels, a, b, user, num_samples=300)
+    by_candidate = metrics.paired_auc_bootstrap(labels, a, b, np.arange(len(user)), num_samples=300)
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(by_user) > 1.5 * width(by_candidate)

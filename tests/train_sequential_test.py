@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from data_env import real_data_dir
 
 SMALL = ["--data=ml-100k", "--model=hstu", "--window=20", "--batch_size=256", "--eval_every=1"]

@@ -146,6 +146,8 @@ class MeshConfig:
 class EvalConfig:
     batch_size: int
     split: str  # valid | test
+    # Ranking: resamples (of users) in the paired AUC test of each model against VISTA.
+    bootstrap_samples: int = 1000
 
 
 EARLY_STOPPING_METRICS = {"auc": 1.0, "logloss": -1.0}  # Metric -> sign (higher is better).
@@ -423,7 +425,7 @@ def from_config_dict(config) -> ExperimentConfig:
         raise ConfigError(_choice("cache.quantization", cfg.cache.quantization, QUANTIZATIONS))
     if cfg.eval.split not in EVAL_SPLITS:
         raise ConfigError(_choice("eval.split", cfg.eval.split, EVAL_SPLITS))
-    _positive("eval", batch_size=cfg.eval.batch_size)
+    _positive("eval", batch_size=cfg.eval.batch_size, bootstrap_samples=cfg.eval.bootstrap_samples)
     _positive("cache", chunk_rows=cfg.cache.chunk_rows, batch_size=cfg.cache.batch_size)
     _check_store_root(cfg.cache.root)
     return cfg

@@ -8,6 +8,7 @@ target itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -51,29 +52,54 @@ def score(data: SequenceData, model, batches: Iterable[dict], prep: Callable) ->
     return score_retrieval(data, model, batches, prep)
 
 
-def score_ranking(model, batches, prep) -> dict[str, float]:
-    """AUC, log loss, NE over every unmasked candidate, and the scoring speed.
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Every scored (unmasked) candidate of a ranking evaluation, in request order."""
+
+    label: np.ndarray  # float [N]
+    logit: np.ndarray  # float [N]
+    user: np.ndarray  # int [N]: the request's user (the unit of a paired bootstrap)
+    num_requests: int
+    requests_per_s: float
+
+
+def predict_ranking(model, batches, prep) -> Predictions:
+    """The model's logit for every candidate, and the scoring speed.
 
     `requests_per_s` counts requests (rows with a candidate) scored per second of model
     forward passes after the first batch, so the compile is not in it (nan with one batch).
     """
-    labels, logits, masks = [], [], []
+    labels, logits, users, num_requests = [], [], [], 0
     timed_requests, t0 = 0, None
     for batch, out in predict_batches(model, batches, prep):
+        rows = int(np.any(batch["cand_mask"], axis=1).sum())
         if t0 is None:
             t0 = time.monotonic()
         else:
-            timed_requests += int(np.any(batch["cand_mask"], axis=1).sum())
-        labels.append(batch["cand_label"])
-        logits.append(out)
-        masks.append(batch["cand_mask"])
+            timed_requests += rows
+        num_requests += rows
+        mask = np.asarray(batch["cand_mask"], bool)
+        labels.append(np.asarray(batch["cand_label"])[mask])
+        logits.append(np.asarray(out)[mask])
+        users.append(np.broadcast_to(np.asarray(batch["user"])[:, None], mask.shape)[mask])
     seconds = time.monotonic() - t0 if t0 is not None else 0.0
-    out = metrics.binary_metrics(
-        np.concatenate(labels), np.concatenate(logits), np.concatenate(masks)
+    return Predictions(
+        label=np.concatenate(labels).astype(np.float64),
+        logit=np.concatenate(logits).astype(np.float64),
+        user=np.concatenate(users).astype(np.int64),
+        num_requests=num_requests,
+        requests_per_s=timed_requests / seconds if timed_requests else float("nan"),
     )
-    out["num_requests"] = int(sum(np.any(m, axis=1).sum() for m in masks))
-    out["requests_per_s"] = timed_requests / seconds if timed_requests else float("nan")
-    return out
+
+
+def ranking_scores(p: Predictions) -> dict[str, float]:
+    """AUC, log loss, NE, base rate and count over the candidates, and the scoring speed."""
+    out = metrics.binary_metrics(p.label, p.logit)
+    return out | {"num_requests": p.num_requests, "requests_per_s": p.requests_per_s}
+
+
+def score_ranking(model, batches, prep) -> dict[str, float]:
+    return ranking_scores(predict_ranking(model, batches, prep))
 
 
 def score_retrieval(data: SequenceData, model, batches, prep) -> dict[str, float]:

@@ -339,13 +339,20 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         },
     }
     num_train = inputs.num_train_requests(data, config.early_stopping.enabled)
+    predictions = {}
     for name, (model, batches, prep) in runs.items():
         t0 = time.monotonic()
-        scores = evaluation.score(data, model, batches, prep)
+        if ranking:
+            predictions[name] = evaluation.predict_ranking(model, batches, prep)
+            scores = evaluation.ranking_scores(predictions[name])
+        else:
+            scores = evaluation.score(data, model, batches, prep)
         stage = config.source if MODEL_DIRS.get(name) == "source" else config.downstream
         train = training_record(workdir, name, stage.batch_size, num_train)
         results["models"][name] = scores | ({"train": train} if train else {})
         _log(f"[evaluate] {name}: {scores} ({time.monotonic() - t0:.1f}s)")
+    if ranking:
+        results["paired"] = paired_comparisons(predictions, config.eval.bootstrap_samples)
     if ranking and "cand_prob" in items[0]:
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])
@@ -354,6 +361,24 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         users = sorted({int(e["user"]) for e in items})
         results["reference_aucs"] = synthetic.auc_report(data.config.synthetic, users)
     return results
+
+
+PAIRED_REFERENCE = "vista_downstream"  # What every other model is compared with.
+
+
+def paired_comparisons(predictions: dict, num_samples: int) -> dict:
+    """AUC(vista_downstream) - AUC(model) for every other model, bootstrapped over users."""
+    ref = predictions[PAIRED_REFERENCE]
+    out = {"reference": PAIRED_REFERENCE, "unit": "user", "models": {}}
+    for name, p in predictions.items():
+        if name == PAIRED_REFERENCE:
+            continue
+        if not (np.array_equal(p.label, ref.label) and np.array_equal(p.user, ref.user)):
+            raise ValueError(f"{name} was not scored on the same candidates as {PAIRED_REFERENCE}")
+        out["models"][name] = metrics.paired_auc_bootstrap(
+            ref.label, ref.logit, p.logit, ref.user, num_samples
+        )
+    return out
 
 
 def dataset_summary(config: ExperimentConfig, data) -> dict:
