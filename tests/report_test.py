@@ -1,0 +1,94 @@
+"""experiments.report: filing runs, mean ± std and paired tests per setting, README headline."""
+
+import json
+
+import pytest
+
+from experiments import report
+from vista_jax.errors import ConfigError
+
+
+def _results(seed, aucs, diffs=None, task="ranking", oracle=0.8):
+    models = {
+        name: {"auc": auc, "logloss": 0.6, "ne": 0.9, "requests_per_s": 100.0,
+               "train": {"examples_per_s": 50.0, "epochs": 2.0}}
+        for name, auc in aucs.items()
+    }  # fmt: skip
+    paired = None
+    if diffs is not None:
+        paired = {"reference": "vista_downstream", "models": {
+            n: {"diff": d, "p_value": p, "ci95": [d - 0.01, d + 0.01]}
+            for n, (d, p) in diffs.items()}}  # fmt: skip
+    return {"task": task, "models": models, "paired": paired, "oracle_auc": oracle,
+            "provenance": {"seed": seed, "git_commit": "abc123", "wall_s": 120.0}}  # fmt: skip
+
+
+def _workdir(tmp_path, name, results):
+    work = tmp_path / name
+    work.mkdir()
+    (work / "results.json").write_text(json.dumps(results))
+    return work
+
+
+@pytest.fixture
+def filed(tmp_path):
+    out = tmp_path / "results"
+    for seed, (ref, twin, p) in enumerate([(0.70, 0.66, 0.001), (0.72, 0.66, 0.02)]):
+        aucs = {"vista_downstream": ref, "twin": twin, "recent_only": 0.6}
+        diffs = {"twin": (ref - twin, p), "recent_only": (ref - 0.6, 0.001)}
+        report.add(_workdir(tmp_path, f"w{seed}", _results(seed, aucs, diffs)), "syn", out, False)
+    return tmp_path, out
+
+
+def test_setting_table_has_mean_std_normalized_auc_and_paired_test(filed):
+    tmp_path, out = filed
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\nrest\n")
+    text = report.report(out, tmp_path, readme)
+    assert (out / "RESULTS.md").read_text() == text and (out / "syn.png").is_file()
+    twin = next(line for line in text.splitlines() if line.startswith("| twin |"))
+    # AUC .66 ± 0; normalized (.66 - .5) / (.8 - .5); Δ .05 ± .01 with the largest p, .02.
+    assert "0.6600 ± 0.0000" in twin and "0.533 ± 0.000" in twin
+    assert "0.0500 ± 0.0100 (0.020)" in twin
+    head = readme.read_text()
+    assert "old table" not in head and head.startswith("intro\n") and head.endswith("rest\n")
+    row = next(line for line in head.splitlines() if line.startswith("| syn |"))
+    assert "| 2 | 0.7100 ± 0.0100 | twin | 0.6600 ± 0.0000 |" in row  # Best non-VISTA model.
+
+
+def test_sweep_points_are_settings_in_numeric_order(filed):
+    tmp_path, out = filed
+    points = tmp_path / "experiments/synthetic/results/sweep_history_len/points"
+    points.mkdir(parents=True)
+    for x in (1000, 32):
+        point = {"x_key": "data.history_len", "x": x, "seed": 0, "git_commit": "def",
+                 "stage_wall_s": {"a": 60.0}} | _results(0, {"vista_downstream": 0.7})  # fmt: skip
+        (points / f"history_len={x}-seed=0.json").write_text(json.dumps(point))
+    text = report.report(out, tmp_path, None)
+    assert text.index("## synthetic sweep: history_len=32") < text.index("history_len=1000")
+
+
+def test_filing_refuses_a_second_copy_of_a_seed_and_other_tasks(filed, tmp_path):
+    _, out = filed
+    work = _workdir(tmp_path, "again", _results(0, {"vista_downstream": 0.7}))
+    with pytest.raises(ConfigError, match="already filed"):
+        report.add(work, "syn", out, replace=False)
+    report.add(work, "syn", out, replace=True)
+    retrieval = _workdir(tmp_path, "retrieval", _results(5, {"x": 0.1}, task="retrieval"))
+    with pytest.raises(ConfigError, match="ranking task"):
+        report.add(retrieval, "syn", out, replace=False)
+    with pytest.raises(ConfigError, match="usable name"):
+        report.add(work, "../escape", out, replace=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        report.add(tmp_path / "nowhere", "syn", out, replace=False)
+    assert sorted(p.name for p in (out / "runs" / "syn").iterdir()) == ["seed0.json", "seed1.json"]
+
+
+def test_committed_results_and_readme_are_what_the_report_generates():
+    root = report.pathlib.Path(__file__).resolve().parents[1]
+    summaries = report.summarize(report.collect(root / "experiments/results", root))
+    committed = (root / "experiments/results/RESULTS.md").read_text()
+    assert committed == report.markdown(summaries), "rerun: python -m experiments.report"
+    readme = (root / "README.md").read_text()
+    between = readme[readme.index(report.BEGIN) + len(report.BEGIN) : readme.index(report.END)]
+    assert between.strip() == report.headline(summaries).strip()
