@@ -1,8 +1,11 @@
 """Point-in-time examples: a summary never covers the request or anything after it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from vista_jax import cache
 from vista_jax.data import examples as ex
 from vista_jax.errors import DataError
 
@@ -145,3 +148,32 @@ def test_examples_without_history_are_the_same_examples_minus_the_window():
     # Only evaluation requests carry the protocol's history window (for exclusion).
     assert "seen_item" in ex.retrieval_example(record, SPEC, 7, 3, ITEM_CATEGORY, None, False)
     assert "seen_item" not in examples(True)[1]
+
+
+@pytest.mark.parametrize("lag", [0, 3, 17, 500])
+def test_a_stale_summary_lags_the_recent_window_by_summary_lag_events(lag):
+    record = _record() | {"cand_item": np.array([1, 2]), "cand_label": np.array([0.0, 1.0])}
+    spec = ex.ExampleSpec(task="ranking", history_window=8, num_recent=4, summary_lag=lag)
+    e = ex.ranking_example(record, spec, 0, ITEM_CATEGORY)
+    s = max(0, 50 - 4 - lag)
+    assert int(e["snapshot"]) == s and ex.snapshot_positions(50, spec).tolist() == [s]
+    n_hist = int(e["hist_len"])
+    assert n_hist == min(8, s)
+    np.testing.assert_array_equal(e["hist_item"][:n_hist], record["item"][s - n_hist : s])
+    np.testing.assert_array_equal(e["recent_item"], record["item"][46:])  # Never stale.
+    # Retrieval (and every-event) requests join the newest snapshot at or before t - lag.
+    stale = dataclasses.replace(SPEC, summary_lag=lag)
+    positions = ex.snapshot_positions(50, stale)
+    for t in range(1, 50):
+        got = int(ex.retrieval_example(record, stale, t, 0, ITEM_CATEGORY, None)["snapshot"])
+        older = positions[positions <= t - lag]
+        assert got == (older[-1] if len(older) else positions[0])
+
+
+def test_the_lag_is_out_of_the_spec_repr_but_in_the_cache_name():
+    spec = ex.ExampleSpec(task="ranking", history_window=8, num_recent=4)
+    assert "summary_lag" not in repr(spec)  # Lag-0 cache names stay what they were.
+    data = type("Data", (), {"fingerprint": "f", "spec": spec})
+    stale = type("Data", (), {"fingerprint": "f", "spec": ex.ExampleSpec(
+        task="ranking", history_window=8, num_recent=4, summary_lag=100)})  # fmt: skip
+    assert cache.cache_hash("s", data) != cache.cache_hash("s", stale)

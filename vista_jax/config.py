@@ -312,7 +312,7 @@ def _train(section: str, given: Mapping) -> TrainConfig:
     return TrainConfig(**given)
 
 
-_DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir", "task")
+_DATA_COMMON = ("kind", "history_window", "num_recent", "data_dir", "task", "summary_lag")
 _DATA_RANKING = ("train_candidates", "eval_every")
 _DATA_RETRIEVAL = ("path", "delta_path", "snapshot_every", "num_negatives", "max_eval_users")
 _DATA_EVENT_RANKING = ("positive_rating", "split", "valid_fraction", "test_fraction")
@@ -323,6 +323,11 @@ def _data(given: Mapping) -> datasets.DataConfig:
     kind = given.get("kind")
     if kind not in datasets.KINDS:
         raise ConfigError(_choice("data.kind", kind, datasets.KINDS))
+    if given.get("summary_lag", 0) < 0:
+        raise ConfigError(
+            f"config key 'data.summary_lag' must be >= 0 (events), got {given['summary_lag']}. "
+            "Fix: pass --config.data.summary_lag=N with N >= 0 (0 = the freshest summary)"
+        )
     if given.get("task", "") not in ("", *datasets.TASKS):
         raise ConfigError(_choice("data.task", given["task"], datasets.TASKS))
     if kind == "synthetic":

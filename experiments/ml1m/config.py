@@ -42,6 +42,7 @@ def get_config(arg: str | None = None):
         # A cache row every 32 events: a request joins the newest snapshot before it, and the
         # 32 recent raw events cover everything since (point-in-time, no label leakage).
         snapshot_every=32,
+        summary_lag=0,  # Staleness ablation: a request reads a summary >= N events old.
         num_negatives=128,
         max_eval_users=0,  # 0 = all users.
         # How the event log is read (vista_jax.data.eventlog.EventLogOptions):

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
         data_dir="",  # Where built datasets go ("" = <workdir>/data).
         seed=0,
         history_window=1000,  # The summary covers the whole history.
+        summary_lag=0,  # Staleness ablation: the summary lags the recent window by N events.
         # Every step trains on all 128 candidates of a request: labels are cheap next to the
         # summarizer pass over 1k events, and 4x the labels per pass trains the source faster.
         train_candidates=0,

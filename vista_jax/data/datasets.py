@@ -65,6 +65,7 @@ class DataConfig:
     log_options: EventLogOptions | None = None
     snapshot_every: int = 0  # A cache row every S events (0 = one per user).
     max_eval_users: int = 0  # Evaluate the requests of the first N users only (0 = all).
+    summary_lag: int = 0  # Staleness ablation: events the summary lags (ExampleSpec).
     # Retrieval (event logs):
     num_negatives: int = 0  # Uniform negatives per training request.
     # Ranking (event logs): label = `label` column, else rating >= positive_rating.
@@ -201,6 +202,7 @@ def _read(data_cfg: DataConfig, path, fingerprint: str) -> SequenceData:
         num_negatives=data_cfg.num_negatives,
         train_candidates=data_cfg.train_candidates,
         num_items=int(meta["num_items"]),
+        summary_lag=data_cfg.summary_lag,
     )
     counts = [len(snapshot_positions(int(n), spec)) for n in lengths]
     return SequenceData(

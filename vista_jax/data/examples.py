@@ -1,7 +1,8 @@
 """Point-in-time examples from per-user sequence records (see docs/ARCHITECTURE.md).
 
 An example at request position t (events [0, t) happened before it) joins the newest
-*snapshot* s <= t: the summary covers only events [max(0, s - W), s), never the example's own
+*snapshot* s <= t (s <= t - lag in the staleness ablation, `ExampleSpec.summary_lag`): the
+summary covers only events [max(0, s - W), s), never the example's own
 label. The last R events before t (fresher than the snapshot) go to stage 2 raw. Snapshots sit
 at fixed positions per user, so the cache holds one row per (user, snapshot) and both the
 source model (which summarizes on the fly) and a cache-fed ranker see exactly the same inputs.
@@ -43,6 +44,12 @@ class ExampleSpec:
     train_candidates: int = 0  # Ranking training: candidates sampled per request (0 = all).
     num_items: int = 0
     num_gap_buckets: int = NUM_GAP_BUCKETS
+    # Staleness ablation (0 = the freshest summary): a request at t reads the newest
+    # snapshot at or before t - lag; the synthetic one-request-per-user snapshot moves from
+    # n - R to n - R - lag. The recent window is never stale. Out of repr, so the
+    # fingerprint of a lag-0 cache is what it was before the field existed
+    # (`cache.cache_hash` adds it).
+    summary_lag: int = dataclasses.field(default=0, repr=False)
 
 
 def user_gaps(record, num_gap_buckets: int) -> np.ndarray:
@@ -60,7 +67,7 @@ def window_gaps(record, start: int, end: int, num_gap_buckets: int) -> np.ndarra
 def snapshot_positions(n: int, spec: ExampleSpec) -> np.ndarray:
     """Snapshot positions of a user with n events (ascending; a row of the cache each)."""
     if spec.task == "ranking" and spec.requests == "after_history":
-        return np.array([n - spec.num_recent])
+        return np.array([max(0, n - spec.num_recent - spec.summary_lag)])
     if spec.task == "ranking":  # Every event is a request: a snapshot every S events.
         return np.arange(0, max(n, 1), spec.snapshot_every or max(n, 1))
     # Retrieval: every S events, and one at n-2 so validation/test join the freshest summary.
@@ -68,9 +75,10 @@ def snapshot_positions(n: int, spec: ExampleSpec) -> np.ndarray:
     return np.unique(np.concatenate([np.arange(0, n - 1, step), [max(n - 2, 0)]]))
 
 
-def snapshot_for(t: int, positions: np.ndarray) -> int:
-    """Index of the newest snapshot at or before request position t."""
-    return int(np.searchsorted(positions, t, side="right") - 1)
+def snapshot_for(t: int, positions: np.ndarray, lag: int = 0) -> int:
+    """Index of the newest snapshot at or before request position t - lag (the first
+    snapshot when none is that old)."""
+    return max(0, int(np.searchsorted(positions, t - lag, side="right") - 1))
 
 
 def _window(x, start, end, width, dtype=np.int32):
@@ -132,14 +140,15 @@ def ranking_example(
     rng=None,
     with_history: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Synthetic request after the history: snapshot at n - R, recent = the last R events.
+    """Synthetic request after the history: snapshot at n - R (minus `spec.summary_lag`),
+    recent = the last R events.
 
     With an rng (training), `spec.train_candidates` of the request's candidates are sampled,
     so repeated passes over a user see different candidates. `with_history=False` leaves out
     the summarizer's window (`hist_*`): a cache-fed model reads the cache row instead.
     """
     n = len(record["item"])
-    s = n if spec.live else n - spec.num_recent
+    s = n if spec.live else int(snapshot_positions(n, spec)[0])
     ex = request_inputs(record, spec, row, s, n, with_history)
     keep = slice(None)
     if rng is not None and spec.train_candidates:
@@ -158,7 +167,7 @@ def _joined_snapshot(record, spec: ExampleSpec, t: int, row_offset: int) -> tupl
     if spec.live:
         return -1, t
     positions = snapshot_positions(len(record["item"]), spec)
-    idx = snapshot_for(t, positions)
+    idx = snapshot_for(t, positions, spec.summary_lag)
     return row_offset + idx, int(positions[idx])
 
 
