@@ -6,6 +6,7 @@ seconds; the real pipeline's own resume is tested in pipeline_test.py.
 """
 
 import csv
+import dataclasses
 import json
 import pathlib
 
@@ -73,19 +74,24 @@ def test_grid_from_the_config_file():
 def test_every_shipped_point_is_a_valid_config(tmp_path):
     module, _ = sweep.load_experiment("experiments/synthetic/config.py")
     base = module.get_config(None)
-    for name in ("history_len", "history_len:full", "num_seeds", "width"):
+    for name in ("history_len", "history_len:full", "num_seeds", "width", "staleness"):
         for point in sweep.grid(module, name):
             typed = sweep.point_config(base, point, tmp_path)
             assert typed.seed == point.seed
             assert typed.data.data_dir == str(tmp_path.absolute() / "data")  # Shared data.
     width = sweep.grid(module, "width")[-1]
     assert sweep.point_config(base, width, tmp_path).ranker.d_model == 128
+    # The fresh staleness point is the history_len sweep's 1k point; the others only lag.
+    fresh, *stale = (sweep.point_config(base, p, tmp_path) for p in sweep.grid(module, "staleness"))
+    assert fresh == sweep.point_config(base, sweep.grid(module, "history_len")[-1], tmp_path)
+    assert [c.data.summary_lag for c in stale] == [100, 1000]
+    assert all(dataclasses.replace(c, data=fresh.data) == fresh for c in stale)
 
 
 def test_unknown_sweep_names_the_valid_ones():
     with pytest.raises(ConfigError, match="did you mean 'history_len'.*history_len, num_seeds"):
         synthetic_config.get_sweep("history_length")
-    with pytest.raises(ConfigError, match="valid sweeps: history_len, num_seeds, width"):
+    with pytest.raises(ConfigError, match="valid sweeps: history_len, num_seeds, staleness, width"):
         synthetic_config.get_sweep("depth")
     with pytest.raises(ConfigError, match="unknown sweep variant 'seed'.*--sweep"):
         synthetic_config.get_sweep("width:seed=2")

@@ -89,32 +89,45 @@ def _history_len(opt):
     cost of a point grows linearly with the length.
     """
     full = opt.full and not opt.tiny
-
-    def derive(length):
-        if opt.tiny:
-            size = {"data.num_users": 60, "source.batch_size": 8, "source.num_steps": 2,
-                    "downstream.num_steps": 2, "summarizer.chunk_size": 64}  # fmt: skip
-        elif full:
-            size = {"data.num_users": 8000, "source.batch_size": 32,
-                    "source.num_steps": opt.steps or 1000, "downstream.num_steps": 600,
-                    "summarizer.chunk_size": 2048 if length >= 10000 else 256}  # fmt: skip
-        else:  # Early stopping ends a ranker that starts memorizing the 12.8k training users.
-            size = {"data.num_users": 16000, "source.batch_size": 64,
-                    "source.num_steps": opt.steps or 1500, "downstream.num_steps": 1500,
-                    "summarizer.chunk_size": 256, "early_stopping.eval_every": 100,
-                    "early_stopping.patience": 5,
-                    "early_stopping.max_requests": 1000}  # fmt: skip
-        return {
-            "data.history_window": length,
-            "data.dormant_weight": 0.03 if full else 1.0,
-            **size,
-            "eval.batch_size": 16 if opt.tiny else 32,
-            "cache.batch_size": 16 if opt.tiny else 32,
-        }
-
     lengths = (300, 600) if opt.tiny else FULL_HISTORY_LENGTHS if full else HISTORY_LENGTHS
     values = [n for n in lengths if n <= opt.max_len]
-    return common.sweep_points("data.history_len", values, range(opt.seeds), derive)
+    return common.sweep_points(
+        "data.history_len", values, range(opt.seeds), lambda n: _sized(opt, n, full)
+    )
+
+
+def _sized(opt, length: int, full: bool = False) -> dict:
+    """The overrides of a history_len point of `length` events (users, steps, chunking)."""
+    if opt.tiny:
+        size = {"data.num_users": 60, "source.batch_size": 8, "source.num_steps": 2,
+                "downstream.num_steps": 2, "summarizer.chunk_size": 64}  # fmt: skip
+    elif full:
+        size = {"data.num_users": 8000, "source.batch_size": 32,
+                "source.num_steps": opt.steps or 1000, "downstream.num_steps": 600,
+                "summarizer.chunk_size": 2048 if length >= 10000 else 256}  # fmt: skip
+    else:  # Early stopping ends a ranker that starts memorizing the 12.8k training users.
+        size = {"data.num_users": 16000, "source.batch_size": 64,
+                "source.num_steps": opt.steps or 1500, "downstream.num_steps": 1500,
+                "summarizer.chunk_size": 256, "early_stopping.eval_every": 100,
+                "early_stopping.patience": 5,
+                "early_stopping.max_requests": 1000}  # fmt: skip
+    return {
+        "data.history_window": length,
+        "data.dormant_weight": 0.03 if full else 1.0,
+        **size,
+        "eval.batch_size": 16 if opt.tiny else 32,
+        "cache.batch_size": 16 if opt.tiny else 32,
+    }
+
+
+def _staleness(opt):
+    """The summary lags the request by 0, 100 or 1,000 events (the recent window never does):
+    the default history_len point of 1k events, whose lag-0 point it repeats. At 1,000 the
+    snapshot is at the first event: no summary at all, VISTA's floor."""
+    length = 600 if opt.tiny else 1000
+    values = (0, 100) if opt.tiny else (0, 100, 1000)
+    extra = {"data.history_len": length} | _sized(opt, length)
+    return common.sweep_points("data.summary_lag", values, range(opt.seeds), lambda _: extra)
 
 
 def _tiny_run(opt):
@@ -147,7 +160,12 @@ def _width(opt):
 
 def get_sweep(arg: str):
     """The grid of `--sweep=NAME[:seeds=N,steps=N,max_len=N,tiny]`: one dict per point."""
-    sweeps = {"history_len": _history_len, "num_seeds": _num_seeds, "width": _width}
+    sweeps = {
+        "history_len": _history_len,
+        "num_seeds": _num_seeds,
+        "width": _width,
+        "staleness": _staleness,
+    }
     return common.pick_sweep(
         arg, sweeps, seeds=1, steps=0, max_len=FULL_HISTORY_LENGTHS[-1], tiny=False, full=False
     )
