@@ -282,6 +282,10 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
+def _numeric(xs) -> bool:
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+
+
 def series(rows: list[dict], column: str) -> dict[str, tuple[list, list, list]]:
     """{model: (xs, mean, std)} of `column` over seeds, for rows where it is present."""
     by_model: dict[str, dict] = {}
@@ -292,7 +296,7 @@ def series(rows: list[dict], column: str) -> dict[str, tuple[list, list, list]]:
         by_model.setdefault(row["model"], {}).setdefault(row["x"], []).append(float(value))
     out = {}
     for model, by_x in by_model.items():
-        xs = sorted(by_x)
+        xs = sorted(by_x) if _numeric(by_x) else list(by_x)  # Categories: in grid order.
         out[model] = (
             xs,
             [float(np.mean(by_x[x])) for x in xs],
@@ -309,8 +313,8 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str, title: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     x_key = rows[0]["x_key"]
-    xs = sorted({row["x"] for row in rows})
-    log_x = len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 10
+    xs = list(dict.fromkeys(row["x"] for row in rows))  # Categorical x (e.g. "qla"): as is.
+    log_x = _numeric(xs) and len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 10
     models = list(dict.fromkeys(row["model"] for row in rows))
     color = {model: f"C{i % 10}" for i, model in enumerate(models)}  # One color per model.
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

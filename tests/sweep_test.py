@@ -74,24 +74,31 @@ def test_grid_from_the_config_file():
 def test_every_shipped_point_is_a_valid_config(tmp_path):
     module, _ = sweep.load_experiment("experiments/synthetic/config.py")
     base = module.get_config(None)
-    for name in ("history_len", "history_len:full", "num_seeds", "width", "staleness"):
+    names = ("history_len", "history_len:full", "num_seeds", "width", "staleness", "attention",
+             "recon", "quantization")  # fmt: skip
+    for name in names:
         for point in sweep.grid(module, name):
             typed = sweep.point_config(base, point, tmp_path)
             assert typed.seed == point.seed
             assert typed.data.data_dir == str(tmp_path.absolute() / "data")  # Shared data.
     width = sweep.grid(module, "width")[-1]
     assert sweep.point_config(base, width, tmp_path).ranker.d_model == 128
-    # The fresh staleness point is the history_len sweep's 1k point; the others only lag.
-    fresh, *stale = (sweep.point_config(base, p, tmp_path) for p in sweep.grid(module, "staleness"))
-    assert fresh == sweep.point_config(base, sweep.grid(module, "history_len")[-1], tmp_path)
-    assert [c.data.summary_lag for c in stale] == [100, 1000]
-    assert all(dataclasses.replace(c, data=fresh.data) == fresh for c in stale)
+    # An ablation's first point is the history_len sweep's 1k point; the others change one key.
+    one_k = sweep.point_config(base, sweep.grid(module, "history_len")[-1], tmp_path)
+    for name, section in (("staleness", "data"), ("attention", "summarizer"),
+                          ("recon", "summarizer"), ("quantization", "cache")):  # fmt: skip
+        first, *others = (sweep.point_config(base, p, tmp_path) for p in sweep.grid(module, name))
+        assert first == one_k, name
+        for other in others:
+            assert other != one_k
+            assert dataclasses.replace(other, **{section: getattr(one_k, section)}) == one_k
 
 
 def test_unknown_sweep_names_the_valid_ones():
     with pytest.raises(ConfigError, match="did you mean 'history_len'.*history_len, num_seeds"):
         synthetic_config.get_sweep("history_length")
-    with pytest.raises(ConfigError, match="valid sweeps: history_len, num_seeds, staleness, width"):
+    valid = "attention, history_len, num_seeds, quantization, recon, staleness, width"
+    with pytest.raises(ConfigError, match=f"valid sweeps: {valid}"):
         synthetic_config.get_sweep("depth")
     with pytest.raises(ConfigError, match="unknown sweep variant 'seed'.*--sweep"):
         synthetic_config.get_sweep("width:seed=2")
@@ -159,6 +166,16 @@ def test_series_mean_and_std_over_seeds():
     xs, mean, std = sweep.series(rows, "auc")["m"]
     assert xs == [1, 2] and mean == pytest.approx([0.7, 0.9]) and std == pytest.approx([0.1, 0])
     assert "n" not in sweep.series(rows, "auc")
+
+
+def test_categorical_sweeps_keep_grid_order_and_plot(tmp_path):
+    rows = [{"model": "m", "x": x, "x_key": "summarizer.attention", "auc": a,
+             "flops_per_request": 1.0, "train_flops": 2.0}
+            for x, a in (("qla", 0.7), ("softmax", 0.72), ("qla", 0.74))]  # fmt: skip
+    xs, mean, _ = sweep.series(rows, "auc")["m"]
+    assert xs == ["qla", "softmax"] and mean == pytest.approx([0.72, 0.72])
+    sweep.plot(rows, tmp_path / "a.png", "auc", "attention")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_finished_points_are_skipped(tmp_path):

@@ -120,16 +120,6 @@ def _sized(opt, length: int, full: bool = False) -> dict:
     }
 
 
-def _staleness(opt):
-    """The summary lags the request by 0, 100 or 1,000 events (the recent window never does):
-    the default history_len point of 1k events, whose lag-0 point it repeats. At 1,000 the
-    snapshot is at the first event: no summary at all, VISTA's floor."""
-    length = 600 if opt.tiny else 1000
-    values = (0, 100) if opt.tiny else (0, 100, 1000)
-    extra = {"data.history_len": length} | _sized(opt, length)
-    return common.sweep_points("data.summary_lag", values, range(opt.seeds), lambda _: extra)
-
-
 def _tiny_run(opt):
     """The shared overrides of the :tiny sweeps (a smoke test of the sweep machinery)."""
     if not opt.tiny:
@@ -158,13 +148,34 @@ def _width(opt):
     return common.sweep_points("summarizer.d_model", values, range(opt.seeds), derive)
 
 
+def _ablation(x_key: str, values, tiny_values=None):
+    """A sweep of one VISTA design choice on the history_len sweep's 1k-event point (its
+    first value is that point's setting, the default)."""
+
+    def points(opt):
+        length = 600 if opt.tiny else 1000
+        extra = {"data.history_len": length} | _sized(opt, length)
+        chosen = tiny_values if opt.tiny and tiny_values else values
+        return common.sweep_points(x_key, chosen, range(opt.seeds), lambda _: extra)
+
+    return points
+
+
 def get_sweep(arg: str):
     """The grid of `--sweep=NAME[:seeds=N,steps=N,max_len=N,tiny]`: one dict per point."""
     sweeps = {
         "history_len": _history_len,
         "num_seeds": _num_seeds,
         "width": _width,
-        "staleness": _staleness,
+        # The summary lags the request by 0, 100 or 1,000 events (the recent window never
+        # does); at 1,000 the snapshot is the first event: no summary, VISTA's floor.
+        "staleness": _ablation("data.summary_lag", (0, 100, 1000), (0, 100)),
+        # The summarizer's attention: linear QLA against causal softmax (O(L^2), ~5x the
+        # source model's training time at 1k events on a CPU).
+        "attention": _ablation("summarizer.attention", ("qla", "softmax")),
+        "recon": _ablation("summarizer.recon_weight", (1.0, 0.0)),  # Reconstruction off.
+        # The cache's precision (the downstream ranker trains and scores on each).
+        "quantization": _ablation("cache.quantization", ("int8", "bf16", "none")),
     }
     return common.pick_sweep(
         arg, sweeps, seeds=1, steps=0, max_len=FULL_HISTORY_LENGTHS[-1], tiny=False, full=False
