@@ -102,10 +102,9 @@ class Scorer:
         self.ranker_config = ranker.cfg
         self.store = store
         self.index = index
-        self._forward = request_forward(ranker, index.item_category)
-        self._fallback = (
-            request_forward(fallback, index.item_category) if fallback is not None else None
-        )
+        table = jnp.asarray(index.item_category, jnp.int32)  # One device copy, both rankers.
+        self._forward = request_forward(ranker, table)
+        self._fallback = request_forward(fallback, table) if fallback is not None else None
 
     @classmethod
     def load(
@@ -156,11 +155,19 @@ class Scorer:
         }
         if read.scale is not None:
             request["summary_scale"] = read.scale
-        logits = np.asarray(self._forward(request))
+        logits = np.array(self._forward(request))  # A writable host copy.
         if self._fallback is not None and not present.all():
-            logits = np.where(present[:, None], logits, np.asarray(self._fallback(request)))
+            logits[~present] = self._score_absent(request, np.flatnonzero(~present))
         coverage = np.where(present, read.coverage, 0)
         return ScoredRequests(logits, ~present, coverage, self.store.version)
+
+    def _score_absent(self, request: dict, absent: np.ndarray) -> np.ndarray:
+        """The fallback's logits for the rows without a summary only, padded to a power of two
+        of rows (a few compiled shapes, whatever the number absent)."""
+        size = 1 << (len(absent) - 1).bit_length()
+        rows = np.concatenate([absent, np.full(size - len(absent), absent[0])])
+        sub = {k: np.asarray(v)[rows] for k, v in request.items()}
+        return np.asarray(self._fallback(sub))[: len(absent)]
 
     def _recent_request(self, recent: Mapping | None, b: int) -> dict[str, np.ndarray]:
         """The ranker's recent-event ids, right-padded to R with padding zeroed; zeros when
@@ -184,11 +191,12 @@ class Scorer:
         return out
 
 
-def request_forward(model: Ranker, item_category: np.ndarray) -> Callable[[dict], jax.Array]:
+def request_forward(model: Ranker, item_category) -> Callable[[dict], jax.Array]:
     """`request -> logits [B, C]`, one jit for this model (its structure closed over, so
     nothing is hashed per call). A request holds ids and the summaries as stored
     (`summary_values`, `summary_scale` for int8): dequantization and the item -> category
-    lookups of candidates and recent events run on device, in the same compiled call."""
+    lookups of candidates and recent events run on device, in the same compiled call.
+    `item_category` may be a device array already (shared by several rankers)."""
     graphdef, params = nnx.split(model)
     table = jnp.asarray(item_category, jnp.int32)
 
