@@ -22,3 +22,15 @@ def test_table_groups_seeds_and_marks_settings(tmp_path):
     hstu = next(line for line in text.splitlines() if line.startswith("| hstu |"))
     assert "| 2 |" in hstu and "0.2500 ± 0.0500" in hstu and "0.3097 / 0.172" in hstu
     assert "vista +lifelong prefix 64" in text
+
+
+def test_runs_of_very_different_lengths_are_separate_rows(tmp_path):
+    runs = [_run("sasrec", s, 0.25) for s in (0, 1)] + [_run("sasrec", 0, 0.28)]
+    runs[2]["epochs_run"] = 72
+    runs[2]["evals"][0]["epoch"] = 72
+    for i, run in enumerate(runs):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(run))
+    lines = report.report(tmp_path).splitlines()
+    short = next(line for line in lines if line.startswith("| sasrec, 4 epochs | 2 |"))
+    long = next(line for line in lines if line.startswith("| sasrec, 72 epochs | 1 |"))
+    assert "0.2500 ± 0.0000" in short and "0.2800" in long

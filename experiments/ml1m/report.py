@@ -48,10 +48,28 @@ def cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def table(runs: list[dict]) -> str:
-    groups = collections.defaultdict(list)
+def grouped(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs by setting; a setting run for very different lengths (epochs differing by more
+    than a quarter) is split into one group per length, named by its epochs."""
+    by_setting = collections.defaultdict(list)
     for run in runs:
-        groups[setting(run)].append(run)
+        by_setting[setting(run)].append(run)
+    groups = {}
+    for name, group in by_setting.items():
+        clusters: list[list[dict]] = []
+        for run in sorted(group, key=lambda r: r["epochs_run"]):
+            if clusters and run["epochs_run"] <= 1.25 * clusters[-1][0]["epochs_run"]:
+                clusters[-1].append(run)
+            else:
+                clusters.append([run])
+        for cluster in clusters:
+            epochs = max(r["epochs_run"] for r in cluster)
+            groups[name if len(clusters) == 1 else f"{name}, {epochs} epochs"] = cluster
+    return groups
+
+
+def table(runs: list[dict]) -> str:
+    groups = grouped(runs)
     head = ["setting", "seeds", "epochs", "min/epoch"]
     head += [f"{which} {m}" for which in ("valid-selected", "last") for m in METRICS[:2]]
     head += ["best-test (oracle) hr@10", "published hr@10 / ndcg@10"]
@@ -68,13 +86,18 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CURVE_EPOCHS = (4, 8, 12, 16, 20, 32, 48, 64, 80, 100)
+
+
 def curves(runs: list[dict]) -> str:
-    lines = ["| setting | seed | " + " | ".join(f"ep {e}" for e in (2, 4, 8, 12, 16, 20)) + " |"]
-    lines.append("|---" * 8 + "|")  # setting, seed and six epochs.
-    for run in sorted(runs, key=setting):
-        by_epoch = {e["epoch"]: e["test"]["hr@10"] for e in run["evals"]}
-        cells = [f"{by_epoch[e]:.4f}" if e in by_epoch else "" for e in (2, 4, 8, 12, 16, 20)]
-        lines.append(f"| {setting(run)} | {run['seed']} | " + " | ".join(cells) + " |")
+    epochs = [e for e in CURVE_EPOCHS if any(r["epochs_run"] >= e for r in runs)]
+    lines = ["| setting | seed | " + " | ".join(f"ep {e}" for e in epochs) + " |"]
+    lines.append("|---" * (len(epochs) + 2) + "|")
+    for name, group in sorted(grouped(runs).items()):
+        for run in sorted(group, key=lambda r: r["seed"]):
+            by_epoch = {e["epoch"]: e["test"]["hr@10"] for e in run["evals"]}
+            cells = [f"{by_epoch[e]:.4f}" if e in by_epoch else "" for e in epochs]
+            lines.append(f"| {name} | {run['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
