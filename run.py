@@ -21,28 +21,33 @@ from ml_collections import config_flags
 from vista_jax import distributed, pipeline
 from vista_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage reads and writes.")
-_MODE = flags.DEFINE_enum("mode", "all", pipeline.MODES, "Which stage(s) to run.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Join a multi-process run via jax.distributed.initialize(), which detects the cluster "
-    "(SLURM, Open MPI, Cloud TPU, Kubernetes) and reads JAX_COORDINATOR_ADDRESS. Implied by "
-    "any of the flags below.",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process run: host:port of process 0's coordinator."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: process count.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process, 0..N-1.")
-_LOCAL_DEVICES = flags.DEFINE_list(
-    "local_device_ids", None, "Multi-process run: the local devices (GPU ids) of this process."
-)
-flags.mark_flags_as_required(["config", "workdir"])
-
+FLAGS = flags.FLAGS
 USER_ERROR_EXIT = 2
+
+
+def define_flags() -> None:
+    """The command line, defined only when run as a program (or by a caller that parses it,
+    e.g. the multi-process test driver): importing this module defines no flag."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    flags.DEFINE_string("workdir", None, "Where every stage reads and writes.")
+    flags.DEFINE_enum("mode", "all", pipeline.MODES, "Which stage(s) to run.")
+    flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Join a multi-process run via jax.distributed.initialize(), which detects the cluster "
+        "(SLURM, Open MPI, Cloud TPU, Kubernetes) and reads JAX_COORDINATOR_ADDRESS. Implied "
+        "by any of the flags below.",
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "Multi-process run: host:port of process 0's coordinator."
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-process run: process count.")
+    flags.DEFINE_integer("process_id", None, "Multi-process run: this process, 0..N-1.")
+    flags.DEFINE_list(
+        "local_device_ids", None, "Multi-process run: the local devices (GPU ids) of this process."
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(message: str):
@@ -103,12 +108,12 @@ def parse_flags(argv):
 
 def distributed_options() -> distributed.DistributedOptions:
     """The multi-process flags; none given: a single process (no jax.distributed)."""
-    local = _LOCAL_DEVICES.value
+    local = FLAGS.local_device_ids
     return distributed.DistributedOptions(
-        enabled=_DISTRIBUTED.value,
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
+        enabled=FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
         local_device_ids=tuple(int(i) for i in local) if local else None,
     )
 
@@ -118,12 +123,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     try:
         distributed.initialize(distributed_options())  # Before anything touches JAX.
-        pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
+        pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
     except UserError as e:
-        if _VERBOSE.value:
+        if FLAGS.verbose:
             raise
         _fail(str(e))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

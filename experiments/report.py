@@ -33,12 +33,6 @@ from absl import app, flags
 
 from vista_jax.errors import ConfigError
 
-_RESULTS = flags.DEFINE_string("results_dir", "experiments/results", "Where RESULTS.md goes.")
-_README = flags.DEFINE_string("readme", "README.md", "Gets the headline table ('' = none).")
-_ADD = flags.DEFINE_string("add", "", "A run.py workdir whose results.json to file first.")
-_SETTING = flags.DEFINE_string("setting", "", "With --add: the setting it belongs to.")
-_REPLACE = flags.DEFINE_bool("replace", False, "With --add: replace that seed's filed run.")
-
 REFERENCE = "vista_downstream"
 SWEEP_POINTS = "experiments/*/results/sweep_*/points/*.json"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -327,13 +321,23 @@ def report(results_dir: pathlib.Path, root: pathlib.Path, readme: pathlib.Path |
     return text
 
 
+def define_flags() -> None:
+    """The command line, defined only when run as a program (importing defines no flag)."""
+    flags.DEFINE_string("results_dir", "experiments/results", "Where RESULTS.md goes.")
+    flags.DEFINE_string("readme", "README.md", "Gets the headline table ('' = none).")
+    flags.DEFINE_string("add", "", "A run.py workdir whose results.json to file first.")
+    flags.DEFINE_string("setting", "", "With --add: the setting it belongs to.")
+    flags.DEFINE_bool("replace", False, "With --add: replace that seed's filed run.")
+
+
 def main(argv):
     del argv
-    results_dir = pathlib.Path(_RESULTS.value)
-    readme = pathlib.Path(_README.value) if _README.value else None
+    f = flags.FLAGS
+    results_dir = pathlib.Path(f.results_dir)
+    readme = pathlib.Path(f.readme) if f.readme else None
     try:
-        if _ADD.value:
-            filed = add(pathlib.Path(_ADD.value), _SETTING.value, results_dir, _REPLACE.value)
+        if f.add:
+            filed = add(pathlib.Path(f.add), f.setting, results_dir, f.replace)
             print(f"filed {filed}")
         print(report(results_dir, pathlib.Path("."), readme))
     except ConfigError as e:
@@ -341,4 +345,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -43,16 +43,6 @@ from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.errors import ConfigError, UserError, WorkdirError
 from vista_jax.fingerprints import git_commit
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment config file[:variant].")
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep NAME[:variant] from the config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the sweep reads and writes.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these points (names as in points/).")
-_METRIC = flags.DEFINE_string("metric", "auc", "The metric plotted against the swept value.")
-_PUBLISH = flags.DEFINE_string(
-    "publish_dir", "", "Also copy points/, sweep.csv and sweep.png here (results to commit)."
-)
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
-
 STAGE_ORDER = tuple(pipeline.STAGES)  # The pipeline's stages, in order.
 USER_ERROR_EXIT = 2
 
@@ -394,21 +384,35 @@ def run_sweep(
     return out
 
 
+def define_flags() -> None:
+    """The command line, defined only when run as a program (importing defines no flag)."""
+    flags.DEFINE_string("config", None, "Experiment config file[:variant].")
+    flags.DEFINE_string("sweep", None, "Sweep NAME[:variant] from the config file.")
+    flags.DEFINE_string("workdir", None, "Where the sweep reads and writes.")
+    flags.DEFINE_list("only", [], "Run only these points (names as in points/).")
+    flags.DEFINE_string("metric", "auc", "The metric plotted against the swept value.")
+    flags.DEFINE_string(
+        "publish_dir", "", "Also copy points/, sweep.csv and sweep.png here (results to commit)."
+    )
+    flags.DEFINE_bool("verbose", False, "Show tracebacks of user errors too.")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+    f = flags.FLAGS
     try:
-        for name, flag in (("config", _CONFIG), ("sweep", _SWEEP), ("workdir", _WORKDIR)):
-            if not flag.value:
+        for name in ("config", "sweep", "workdir"):
+            if not f[name].value:
                 raise ConfigError(f"--{name} is required. Fix: pass --{name}=...")
-        run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, _ONLY.value, _METRIC.value,
-                  publish_dir=_PUBLISH.value)  # fmt: skip
+        run_sweep(f.config, f.sweep, f.workdir, f.only, f.metric, publish_dir=f.publish_dir)
     except UserError as e:
-        if _VERBOSE.value:
+        if f.verbose:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

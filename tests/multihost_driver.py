@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     import run  # noqa: E402  (after XLA_FLAGS: its imports must not start a backend first)
     from vista_jax import distributed, pipeline, train
 
+    run.define_flags()
     run.parse_flags(argv)
     distributed.initialize(run.distributed_options())
     steps = []
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> None:
             steps.append({"stage": self.stage, "step": step, **metrics})
 
     train.Progress = Recorder
-    config, workdir = run._CONFIG.value, pathlib.Path(run._WORKDIR.value)
+    config, workdir = run.FLAGS.config, pathlib.Path(run.FLAGS.workdir)
     for mode in ("train_source", "build_cache"):
         pipeline.train_and_evaluate(config, workdir, mode)
     out.mkdir(parents=True, exist_ok=True)

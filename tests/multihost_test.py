@@ -304,13 +304,13 @@ def test_group_write_refuses_ocdbt(tmp_path):
 
 # -- joining a run ------------------------------------------------------------------------------
 def test_run_py_flags_make_the_distributed_options():
-    # In a fresh interpreter: run.py defines absl flags ("config", ...) that other entry
-    # points imported earlier in the suite (experiments.sweep) define too.
+    # In a fresh interpreter: parsing sets the process-wide absl flags.
     argv = ["run.py", "--config=experiments/synthetic/config.py:tiny", "--workdir=/tmp/unused",
             "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1",
             "--local_device_ids=0,1"]  # fmt: skip
     code = (
-        "import json, sys, run; run.parse_flags(sys.argv[1:]); o = run.distributed_options(); "
+        "import json, sys, run; run.define_flags(); run.parse_flags(sys.argv[1:]); "
+        "o = run.distributed_options(); "
         "print(json.dumps([o.requested, o.coordinator_address, o.num_processes, "
         "o.process_id, list(o.local_device_ids)]))"
     )

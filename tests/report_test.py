@@ -1,6 +1,8 @@
 """experiments.report: filing runs, mean ± std and paired tests per setting, README headline."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,15 @@ def test_committed_results_and_readme_are_what_the_report_generates():
     readme = (root / "README.md").read_text()
     between = readme[readme.index(report.BEGIN) + len(report.BEGIN) : readme.index(report.END)]
     assert between.strip() == report.headline(summaries).strip()
+
+
+def test_command_line_files_a_run_and_refuses_a_bad_setting(tmp_path):
+    root = report.pathlib.Path(__file__).resolve().parents[1]
+    work = _workdir(tmp_path, "w", _results(4, {"vista_downstream": 0.7, "twin": 0.6}))
+    cmd = [sys.executable, "-m", "experiments.report", f"--add={work}",
+           f"--results_dir={tmp_path / 'out'}", "--readme="]  # fmt: skip
+    ok = subprocess.run(cmd + ["--setting=syn"], cwd=root, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "out/runs/syn/seed4.json").is_file() and "## syn" in ok.stdout
+    bad = subprocess.run(cmd + ["--setting=a b"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0 and "usable name" in bad.stderr

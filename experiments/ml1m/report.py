@@ -18,7 +18,6 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
-_DIR = flags.DEFINE_string("results_dir", "experiments/ml1m/results", "Where the JSONs are.")
 PUBLISHED = {  # meta-recsys/generative-recommenders README, ML-1M, HR@10 / NDCG@10.
     "sasrec": (0.2853, 0.1603),
     "hstu": (0.3097, 0.1720),
@@ -124,13 +123,19 @@ def report(results_dir: pathlib.Path) -> str:
     ])  # fmt: skip
 
 
+def define_flags() -> None:
+    """The command line, defined only when run as a program (importing defines no flag)."""
+    flags.DEFINE_string("results_dir", "experiments/ml1m/results", "Where the JSONs are.")
+
+
 def main(argv):
     del argv
-    directory = pathlib.Path(_DIR.value)
+    directory = pathlib.Path(flags.FLAGS.results_dir)
     text = report(directory)
     (directory / "RESULTS.md").write_text(text)
     print(text)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
