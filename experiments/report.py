@@ -176,6 +176,8 @@ def summarize(runs: list[Run]) -> dict:
             if name != REFERENCE and all(tests):
                 entry["diff"] = [t["diff"] for t in tests]
                 entry["p_max"] = max(t["p_value"] for t in tests)
+                # The smallest p a bootstrap can give: no resample on the far side of 0.
+                entry["p_floor"] = max(1.0 / t.get("num_samples", 1000) for t in tests)
             models[name] = entry
         out[setting] = {
             "seeds": seeds,
@@ -188,8 +190,11 @@ def summarize(runs: list[Run]) -> dict:
 
 
 # -- writing ----------------------------------------------------------------------------------
-def p_text(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+def p_text(m: dict) -> str:
+    """The largest p of any seed; at the bootstrap's floor, "≤ floor"."""
+    if m["p_max"] <= m["p_floor"]:
+        return f"≤ {m['p_floor']:.3g}"
+    return f"{m['p_max']:.3f}"
 
 
 def setting_table(summary: dict) -> str:
@@ -202,7 +207,7 @@ def setting_table(summary: dict) -> str:
         row = [name, cell(m["auc"])] + ([cell(m["normalized_auc"], 3)] if normalized else [])
         row += [cell(m["logloss"]), cell(m["ne"])]
         if "diff" in m:
-            row.append(f"{cell(m['diff'])} ({p_text(m['p_max'])})")
+            row.append(f"{cell(m['diff'])} ({p_text(m)})")
         else:
             row.append("(reference)" if name == REFERENCE else "")
         row += [rate(m["examples_per_s"]), rate(m["requests_per_s"]), cell(m["epochs"], 1)]
@@ -225,7 +230,7 @@ def headline(summaries: dict) -> str:
         if ref is None or other is None:
             continue
         o = s["models"][other]
-        diff = f"{cell(o['diff'])} ({p_text(o['p_max'])})" if "diff" in o else "(no paired test)"
+        diff = f"{cell(o['diff'])} ({p_text(o)})" if "diff" in o else "(no paired test)"
         oracle = f"{s['oracle']:.4f}" if s["oracle"] is not None else ""
         lines.append(
             f"| {setting} | {len(s['seeds'])} | {cell(ref['auc'])} | {other} | "

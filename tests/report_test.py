@@ -19,7 +19,7 @@ def _results(seed, aucs, diffs=None, task="ranking", oracle=0.8):
     paired = None
     if diffs is not None:
         paired = {"reference": "vista_downstream", "models": {
-            n: {"diff": d, "p_value": p, "ci95": [d - 0.01, d + 0.01]}
+            n: {"diff": d, "p_value": p, "ci95": [d - 0.01, d + 0.01], "num_samples": 1000}
             for n, (d, p) in diffs.items()}}  # fmt: skip
     return {"task": task, "models": models, "paired": paired, "oracle_auc": oracle,
             "provenance": {"seed": seed, "git_commit": "abc123", "wall_s": 120.0}}  # fmt: skip
@@ -52,6 +52,8 @@ def test_setting_table_has_mean_std_normalized_auc_and_paired_test(filed):
     # AUC .66 ± 0; normalized (.66 - .5) / (.8 - .5); Δ .05 ± .01 with the largest p, .02.
     assert "0.6600 ± 0.0000" in twin and "0.533 ± 0.000" in twin
     assert "0.0500 ± 0.0100 (0.020)" in twin
+    recent = next(line for line in text.splitlines() if line.startswith("| recent_only |"))
+    assert "(≤ 0.001)" in recent  # Every seed at the bootstrap's floor of 1 / 1000.
     head = readme.read_text()
     assert "old table" not in head and head.startswith("intro\n") and head.endswith("rest\n")
     row = next(line for line in head.splitlines() if line.startswith("| syn |"))
