@@ -93,25 +93,38 @@ def paired_auc_bootstrap(
     differences), `p_value` (two-sided: twice the share of resamples on the far side of 0,
     at least 1 / num_samples) and the counts.
     """
-    groups = np.asarray(groups)
-    _, group_of = np.unique(groups, return_inverse=True)
+    return paired_auc_bootstraps(labels, scores_a, {"b": scores_b}, groups, num_samples, seed)["b"]
+
+
+def paired_auc_bootstraps(
+    labels, scores_a, others: dict, groups, num_samples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """`paired_auc_bootstrap(labels, scores_a, b, ...)` for every b in `others`, sharing the
+    resamples and model a's resampled AUCs (drawn and computed once, not once per b)."""
+    _, group_of = np.unique(np.asarray(groups), return_inverse=True)
     num_groups = int(group_of.max()) + 1 if len(group_of) else 0
-    auc_a, auc_b = weighted_auc_fn(labels, scores_a), weighted_auc_fn(labels, scores_b)
-    ones = np.ones(len(group_of))
-    diff = auc_a(ones) - auc_b(ones)
     rng = np.random.default_rng(seed)
-    resampled = np.empty(num_samples)
-    for i in range(num_samples):
-        weight = np.bincount(rng.integers(0, num_groups, num_groups), minlength=num_groups)
-        resampled[i] = auc_a(weight[group_of]) - auc_b(weight[group_of])
-    far_side = min(np.mean(resampled <= 0.0), np.mean(resampled >= 0.0))
-    return {
-        "diff": float(diff),
-        "ci95": [float(np.quantile(resampled, 0.025)), float(np.quantile(resampled, 0.975))],
-        "p_value": float(min(1.0, max(2.0 * far_side, 1.0 / num_samples))),
-        "num_samples": int(num_samples),
-        "num_groups": num_groups,
-    }
+    # Per resample, how often each group was drawn ([S, G]: small; expanded per use).
+    draws = [
+        np.bincount(rng.integers(0, num_groups, num_groups), minlength=num_groups)
+        for _ in range(num_samples)
+    ]
+    ones = np.ones(len(group_of))
+    auc_a = weighted_auc_fn(labels, scores_a)
+    base_a, resampled_a = auc_a(ones), np.array([auc_a(d[group_of]) for d in draws])
+    out = {}
+    for name, scores_b in others.items():
+        auc_b = weighted_auc_fn(labels, scores_b)
+        resampled = resampled_a - np.array([auc_b(d[group_of]) for d in draws])
+        far_side = min(np.mean(resampled <= 0.0), np.mean(resampled >= 0.0))
+        out[name] = {
+            "diff": float(base_a - auc_b(ones)),
+            "ci95": [float(np.quantile(resampled, 0.025)), float(np.quantile(resampled, 0.975))],
+            "p_value": float(min(1.0, max(2.0 * far_side, 1.0 / num_samples))),
+            "num_samples": int(num_samples),
+            "num_groups": num_groups,
+        }
+    return out
 
 
 def _binary_entropy(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

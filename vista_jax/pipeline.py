@@ -369,15 +369,14 @@ PAIRED_REFERENCE = "vista_downstream"  # What every other model is compared with
 def paired_comparisons(predictions: dict, num_samples: int) -> dict:
     """AUC(vista_downstream) - AUC(model) for every other model, bootstrapped over users."""
     ref = predictions[PAIRED_REFERENCE]
-    out = {"reference": PAIRED_REFERENCE, "unit": "user", "models": {}}
-    for name, p in predictions.items():
-        if name == PAIRED_REFERENCE:
-            continue
+    others = {n: p for n, p in predictions.items() if n != PAIRED_REFERENCE}
+    for name, p in others.items():
         if not (np.array_equal(p.label, ref.label) and np.array_equal(p.user, ref.user)):
             raise ValueError(f"{name} was not scored on the same candidates as {PAIRED_REFERENCE}")
-        out["models"][name] = metrics.paired_auc_bootstrap(
-            ref.label, ref.logit, p.logit, ref.user, num_samples
-        )
+    out = {"reference": PAIRED_REFERENCE, "unit": "user"}
+    out["models"] = metrics.paired_auc_bootstraps(
+        ref.label, ref.logit, {n: p.logit for n, p in others.items()}, ref.user, num_samples
+    )
     return out
 
 
