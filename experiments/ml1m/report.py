@@ -18,6 +18,8 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
+from experiments.report import cell
+
 PUBLISHED = {  # meta-recsys/generative-recommenders README, ML-1M, HR@10 / NDCG@10.
     "sasrec": (0.2853, 0.1603),
     "hstu": (0.3097, 0.1720),
@@ -39,12 +41,6 @@ def setting(run: dict) -> str:
     if cfg.get("train_on_valid"):
         name += " (trains on valid item)"
     return name
-
-
-def cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
 def grouped(runs: list[dict]) -> dict[str, list[dict]]:
