@@ -40,10 +40,7 @@ def cache_root(workdir, root: str = "") -> str:
 
 def cache_hash(scfg: SummarizerConfig, data: SequenceData) -> str:
     """Names the summarizer *and* the data the cache rows index."""
-    key = {"summarizer": scfg, "data": data.fingerprint, "spec": data.spec}
-    if data.spec.summary_lag:  # Not in the spec's repr (older caches keep their names).
-        key["summary_lag"] = data.spec.summary_lag
-    return config_hash(key)
+    return config_hash({"summarizer": scfg, "data": data.fingerprint, "spec": data.spec})
 
 
 def open_cache(

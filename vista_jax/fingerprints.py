@@ -12,11 +12,22 @@ from typing import Any
 
 
 def config_hash(obj: Any) -> str:
-    """Stable short hash of a (nested) dataclass or dict; names a summarizer in a cache."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    """Stable short hash of a (nested) dataclass or dict; names a summarizer in a cache.
+
+    Every dataclass, at any depth, is hashed by all of its fields (never by its repr, which
+    may leave fields out)."""
+    blob = json.dumps(_plain(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 @functools.cache

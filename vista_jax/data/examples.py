@@ -46,10 +46,8 @@ class ExampleSpec:
     num_gap_buckets: int = NUM_GAP_BUCKETS
     # Staleness ablation (0 = the freshest summary): a request at t reads the newest
     # snapshot at or before t - lag; the synthetic one-request-per-user snapshot moves from
-    # n - R to n - R - lag. The recent window is never stale. Out of repr, so the
-    # fingerprint of a lag-0 cache is what it was before the field existed
-    # (`cache.cache_hash` adds it).
-    summary_lag: int = dataclasses.field(default=0, repr=False)
+    # n - R to n - R - lag. The recent window is never stale.
+    summary_lag: int = 0
 
 
 def user_gaps(record, num_gap_buckets: int) -> np.ndarray:
