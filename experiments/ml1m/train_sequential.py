@@ -137,6 +137,9 @@ class Progress:
         """(state, record) from the last save, or (state, None) when there is none."""
         if self.dir is None or not self.dir.is_dir() or self._manager().latest_step() is None:
             return state, None
+        # The flags are checked first, from the meta alone (every step has the same flags),
+        # before any array is read; the record is restored below with the arrays, so both come
+        # from the same step even when a damaged newest step falls back to an older one.
         # A flag added since the save compares as its default (the save ran without it).
         meta = checkpoints.read_meta(self.dir)
         saved = {k: meta.get("flags", {}).get(k, FLAGS[k].default) for k in self.flags}
