@@ -23,7 +23,7 @@ def _data_cfg(**kw):
 
 def test_global_time_split_cuts_all_users_at_one_time_and_never_splits_a_tie():
     times = [np.array([1, 2, 3, 4, 5, 6, 7, 8]), np.array([5, 9, 9, 10])]  # 12 events
-    bounds = datasets._split_bounds(times, _data_cfg())
+    bounds = datasets.split_bounds(times, _data_cfg())
     # 10% of 12 rounds to 1: the test cutoff is the latest time (10); validation starts at
     # the next-latest event's time (9), and both events at 9 go to validation.
     np.testing.assert_array_equal(bounds, [[8, 8], [1, 3]])
@@ -35,7 +35,7 @@ def test_global_time_split_cuts_all_users_at_one_time_and_never_splits_a_tie():
 
 def test_per_user_split_takes_each_users_last_events():
     times = [np.arange(10), np.arange(3)]
-    bounds = datasets._split_bounds(times, _data_cfg(split="per_user"))
+    bounds = datasets.split_bounds(times, _data_cfg(split="per_user"))
     np.testing.assert_array_equal(bounds, [[8, 9], [3, 3]])  # 0.1 * 3 rounds to 0
 
 
@@ -44,7 +44,7 @@ def test_splits_partition_every_event():
     times = [np.sort(rng.integers(0, 50, n)) for n in (1, 7, 30, 12)]
     lengths = np.array([len(t) for t in times])
     for split_kind in datasets.SPLITS:
-        bounds = datasets._split_bounds(times, _data_cfg(split=split_kind))
+        bounds = datasets.split_bounds(times, _data_cfg(split=split_kind))
         pairs = np.concatenate([ex.event_requests(lengths, bounds, s) for s in ex.EVENT_SPLITS])
         assert sorted(map(tuple, pairs.tolist())) == [
             (u, t) for u, n in enumerate(lengths) for t in range(n)

@@ -176,11 +176,12 @@ def make_optimizer(
 
 
 def lifelong_inputs(batch) -> dict:
-    """Keyword inputs beyond the window, for models that read them: the events before it
-    (`prefix`), or the summaries of every snapshot read from a cache, as stored
-    (`summary_values` [, `summary_scale`]: `retrieval_cache.attach`), dequantized here, inside
-    the jitted step, on device."""
-    inputs = {"prefix_BxP": batch["prefix"]} if "prefix" in batch else {}
+    """Keyword inputs beyond the window's items, for models that read them: the input events'
+    action ids (ranking rows), the events before the window (`prefix`), or the summaries of
+    every snapshot read from a cache, as stored (`summary_values` [, `summary_scale`]:
+    `retrieval_cache.attach`), dequantized here, inside the jitted step, on device."""
+    names = {"prefix": "prefix_BxP", "action": "action_BxL", "prefix_action": "prefix_action_BxP"}
+    inputs = {kw: batch[name] for name, kw in names.items() if name in batch}
     if "summary_values" in batch:
         inputs["summary_BxJxKxD"] = decode(batch["summary_values"], batch.get("summary_scale"))
     return inputs
@@ -226,6 +227,13 @@ def make_train_step(
             sampling,
             max_positions,
         )
+
+    return keyed_train_step(tx, loss_of)
+
+
+def keyed_train_step(tx: optax.GradientTransformation, loss_of: Callable) -> Callable:
+    """train_step(state, batch, key) -> (state, metrics) minimizing `loss_of(params, batch,
+    key) -> (loss, metrics)`, the key folded with the step (dropout, negatives)."""
 
     def train_step(state: TrainState, batch, key):
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)

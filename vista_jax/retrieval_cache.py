@@ -36,7 +36,7 @@ def fingerprint(splits: sequences.SequenceSplits, num_snapshots: int, k: int, d:
     digest = hashlib.sha256()
     for name in SPLITS:
         split = getattr(splits, name)
-        for field in ("item", "prefix"):
+        for field in ("item", "prefix", "action", "prefix_action"):  # What summaries read.
             if field in split:
                 digest.update(np.ascontiguousarray(split[field], np.int32).tobytes())
     return {
@@ -51,12 +51,13 @@ def fingerprint(splits: sequences.SequenceSplits, num_snapshots: int, k: int, d:
 
 
 def _row_blocks(model, splits, batch_size: int) -> Iterator[RowBlock]:
-    summarize = nnx.jit(lambda m, item, prefix: m.summaries(item, prefix))
+    summarize = nnx.jit(lambda m, *inputs: m.summaries(*inputs))
     offset = 0
     for name in SPLITS:
         split = getattr(splits, name)
         for batch, n in sequences.eval_batches(split, batch_size):
-            summary_BxJxKxD = np.asarray(summarize(model, batch["item"], batch.get("prefix")))
+            inputs = [batch.get(k) for k in ("item", "prefix", "action", "prefix_action")]
+            summary_BxJxKxD = np.asarray(summarize(model, *inputs))
             b, j, k, d = summary_BxJxKxD.shape
             coverage = np.sum(batch["item"][:n] > 0, axis=1)
             if "prefix" in batch:

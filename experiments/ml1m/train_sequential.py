@@ -1,8 +1,15 @@
-r"""SASRec / HSTU on MovieLens under the HSTU retrieval protocol, with the reference's settings.
+r"""SASRec / HSTU / VISTA on MovieLens: retrieval under the HSTU protocol, or event ranking.
 
   python -m experiments.ml1m.train_sequential --model=sasrec --epochs=20 --eval_every=1 \
       --seed=0 --out=experiments/ml1m/results/sasrec_seed0.json
   python -m experiments.ml1m.train_sequential --data=ml-100k --model=hstu --epochs=2  # smoke
+  python -m experiments.ml1m.train_sequential --task=ranking --model=hstu --epochs=8
+
+`--task=ranking` is the event ranking task of docs/PROTOCOLS.md §2 (every event a request for
+its own item, label = rating >= --positive_rating, global time split: the latest 10% of
+events test, the 10% before validation) scored at every position of a row in one causal
+pass (`vista_jax.sequential_ranking`); AUC, log loss and NE; epochs selected on valid AUC.
+The retrieval task:
 
 Settings follow meta-recsys/generative-recommenders `configs/ml-1m/*-final.gin` (see
 docs/RETRIEVAL_BASELINES.md): d=50, window 200, batch 128, dropout 0.2, sampled softmax with
@@ -27,14 +34,24 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from vista_jax import checkpoints, fingerprints, metrics, retrieval, retrieval_cache
-from vista_jax.data import sequences
+from vista_jax import (
+    checkpoints,
+    fingerprints,
+    metrics,
+    retrieval,
+    retrieval_cache,
+    sequential_ranking,
+)
+from vista_jax.data import datasets, sequences
+from vista_jax.data.features import NUM_ACTIONS
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
 MODELS = ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"]
 flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset.")
+flags.DEFINE_enum("task", "retrieval", ["retrieval", "ranking"], "What is trained and scored.")
+flags.DEFINE_float("positive_rating", 4.0, "Ranking: label = rating >= this.")
 flags.DEFINE_enum("data", "ml-1m", ["ml-1m", "ml-100k"], "Dataset.")
 flags.DEFINE_string("data_dir", os.environ.get("VISTA_DATA_DIR", ""), "Data root.")
 flags.DEFINE_integer("epochs", 10, "Training epochs (one row per user per epoch).")
@@ -92,8 +109,24 @@ def evaluate(score_fn, params, split: sequences.Batch, batch_size: int) -> dict[
     return metrics.ranking_metrics(np.concatenate(ranks), KS)
 
 
+def evaluate_ranking(logits_fn, params, split: sequences.Batch, batch_size: int) -> dict:
+    """AUC, log loss and NE over the split's scored positions (`target` > 0)."""
+    logits, labels = [], []
+    for batch, n in sequences.eval_batches(split, batch_size):
+        scored = batch["target"][:n] > 0
+        logits.append(np.asarray(logits_fn(params, batch))[:n][scored])
+        labels.append(batch["label"][:n][scored])
+    return metrics.binary_metrics(np.concatenate(labels), np.concatenate(logits))
+
+
 def log_eval(row: dict) -> None:
     v, t = row["valid"], row["test"]
+    if "auc" in v:
+        log(
+            f"  eval epoch {row['epoch']}: valid AUC {v['auc']:.4f} NE {v['ne']:.4f}"
+            f" | test AUC {t['auc']:.4f} NE {t['ne']:.4f} ({row['eval_seconds']:.1f}s)"
+        )
+        return
     log(
         f"  eval epoch {row['epoch']}: valid HR@10 {v['hr@10']:.4f} NDCG@10 {v['ndcg@10']:.4f}"
         f" | test HR@10 {t['hr@10']:.4f} NDCG@10 {t['ndcg@10']:.4f}"
@@ -168,13 +201,24 @@ def train_and_evaluate() -> dict:
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
     if FLAGS.prefix_len and not FLAGS.model.startswith("vista"):
         raise app.UsageError("--prefix_len is for --model=vista (the others read the window)")
-    splits = sequences.from_event_log(
-        event_log, FLAGS.window, FLAGS.train_on_valid, FLAGS.prefix_len
-    )
-    log(
-        f"{FLAGS.data}: {event_log.num_users} users, {splits.num_items} items; "
-        f"{len(splits.train['item'])} train rows, {len(splits.test['item'])} requests"
-    )
+    ranking = FLAGS.task == "ranking"
+    if ranking:
+        splits = ranking_splits(event_log)
+        scored = {
+            k: int(np.sum(getattr(splits, k)["target"] > 0)) for k in ("train", "valid", "test")
+        }
+        log(
+            f"{FLAGS.data}: {event_log.num_users} users, {splits.num_items} items; rows "
+            f"{ {k: len(getattr(splits, k)['item']) for k in scored} }, scored events {scored}"
+        )
+    else:
+        splits = sequences.from_event_log(
+            event_log, FLAGS.window, FLAGS.train_on_valid, FLAGS.prefix_len
+        )
+        log(
+            f"{FLAGS.data}: {event_log.num_users} users, {splits.num_items} items; "
+            f"{len(splits.train['item'])} train rows, {len(splits.test['item'])} requests"
+        )
     # ==== model and optimizer =================================================================
     vista = dict(
         num_seeds=FLAGS.num_seeds,
@@ -184,17 +228,22 @@ def train_and_evaluate() -> dict:
     source = "cached" if FLAGS.from_cache else "live"
     cfg = preset(
         FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
-        summary_source=source, **vista,
+        summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
     )  # fmt: skip
     if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
         splits = retrieval_cache.attach(
             splits, FLAGS.from_cache, *retrieval_cache.summary_shape(cfg)
         )
         splits = dataclasses.replace(splits, **{
-            name: {k: v for k, v in getattr(splits, name).items() if k != "prefix"}
+            name: {
+                k: v for k, v in getattr(splits, name).items()
+                if k not in ("prefix", "prefix_action")
+            }
             for name in retrieval_cache.SPLITS
         })  # fmt: skip
-    model = build_encoder(cfg, nnx.Rngs(FLAGS.seed))
+    rngs = nnx.Rngs(FLAGS.seed)
+    encoder = build_encoder(cfg, rngs)
+    model = sequential_ranking.PositionRanker(encoder, rngs) if ranking else encoder
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -202,6 +251,11 @@ def train_and_evaluate() -> dict:
     steps = {}
 
     def train_step(capacity):
+        if ranking:  # Every position of a row is read anyway: nothing to pack.
+            capacity = None
+        if capacity not in steps and ranking:
+            step = sequential_ranking.make_train_step(graphdef, tx)
+            steps[capacity] = jax.jit(step, donate_argnums=0)
         if capacity not in steps:
             step = retrieval.make_train_step(
                 graphdef, tx, FLAGS.num_negatives, FLAGS.temperature, FLAGS.sampling, capacity
@@ -209,12 +263,14 @@ def train_and_evaluate() -> dict:
             steps[capacity] = jax.jit(step, donate_argnums=0)
         return steps[capacity]
 
-    score_fn = jax.jit(retrieval.make_score_fn(graphdef))
+    make_score_fn = sequential_ranking.make_logits_fn if ranking else retrieval.make_score_fn
+    score_fn = jax.jit(make_score_fn(graphdef))
+    evaluate_split = evaluate_ranking if ranking else evaluate
     int8_score_fn = None
     if cfg.kind == "vista" and source == "live":  # Stage 2 on int8 summaries, as from a cache.
         quantized = nnx.merge(graphdef, state.params)
-        quantized.quantize_summaries = True
-        int8_score_fn = jax.jit(retrieval.make_score_fn(nnx.split(quantized, nnx.Param)[0]))
+        (quantized.encoder if ranking else quantized).quantize_summaries = True
+        int8_score_fn = jax.jit(make_score_fn(nnx.split(quantized, nnx.Param)[0]))
     key = jax.random.key(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
     batch_positions = FLAGS.batch_size * FLAGS.window
@@ -247,11 +303,11 @@ def train_and_evaluate() -> dict:
             t1 = time.time()
             row = {"epoch": epoch, "train_loss": train_loss}
             for split in ("valid", "test"):
-                row[split] = evaluate(
+                row[split] = evaluate_split(
                     score_fn, state.params, getattr(splits, split), FLAGS.eval_batch_size
                 )
             if int8_score_fn is not None:
-                row["test_int8_summaries"] = evaluate(
+                row["test_int8_summaries"] = evaluate_split(
                     int8_score_fn, state.params, splits.test, FLAGS.eval_batch_size
                 )
             row["eval_seconds"] = time.time() - t1
@@ -268,8 +324,9 @@ def train_and_evaluate() -> dict:
         if cfg.kind != "vista" or source != "live":
             raise app.UsageError("--export_cache needs a source VISTA model (--model=vista*)")
         t2 = time.time()
+        trained = nnx.merge(graphdef, state.params)
         manifest = retrieval_cache.export(
-            nnx.merge(graphdef, state.params), splits, FLAGS.export_cache,
+            trained.encoder if ranking else trained, splits, FLAGS.export_cache,
             version=f"{FLAGS.model}-seed{FLAGS.seed}-epoch{epoch}", step=int(state.step),
             source={"model": FLAGS.model, "epoch": epoch, "commit": commit} | flag_values(),
         )  # fmt: skip
@@ -277,9 +334,11 @@ def train_and_evaluate() -> dict:
                     "seconds": time.time() - t2}  # fmt: skip
         log(f"exported summaries of {manifest['num_rows']} rows as {exported}")
     # ==== summary =============================================================================
-    selected = max(evals, key=lambda r: r["valid"]["ndcg@10"])
-    best_test = max(evals, key=lambda r: r["test"]["ndcg@10"])
+    criterion = "auc" if ranking else "ndcg@10"
+    selected = max(evals, key=lambda r: r["valid"][criterion])
+    best_test = max(evals, key=lambda r: r["test"][criterion])
     return {
+        "task": FLAGS.task,
         "model": FLAGS.model,
         "data": FLAGS.data,
         "seed": FLAGS.seed,
@@ -288,9 +347,9 @@ def train_and_evaluate() -> dict:
         "epochs_run": epoch,
         "epoch_seconds": epoch_seconds,
         "evals": evals,
-        "validation_selected": {"criterion": "valid ndcg@10"} | selected,
+        "validation_selected": {"criterion": f"valid {criterion}"} | selected,
         "last": evals[-1],
-        "best_test_oracle": {"note": "chosen on TEST ndcg@10: optimistic, not a result"}
+        "best_test_oracle": {"note": f"chosen on TEST {criterion}: optimistic, not a result"}
         | best_test,
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
@@ -301,10 +360,26 @@ def train_and_evaluate() -> dict:
     }
 
 
+def ranking_splits(event_log) -> sequences.SequenceSplits:
+    """`sequences.event_ranking` rows under the pipeline's labels and time split."""
+    kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
+    data_cfg = datasets.DataConfig(
+        kind=kind, task="ranking", path=os.path.join(FLAGS.data_dir, FLAGS.data),
+        history_window=FLAGS.window, num_recent=FLAGS.num_recent,
+        positive_rating=FLAGS.positive_rating,
+    )  # fmt: skip
+    offsets = event_log.user_offsets
+    times = np.split(np.asarray(event_log.time, np.int64), offsets[1:-1])
+    bounds = datasets.split_bounds(times, data_cfg)
+    labels = datasets.event_labels(event_log, data_cfg)
+    return sequences.event_ranking(event_log, labels, bounds, FLAGS.window, FLAGS.prefix_len)
+
+
 def flag_values() -> dict:
     names = (
-        "epochs eval_every time_budget_min batch_size window num_negatives temperature "
-        "learning_rate weight_decay train_on_valid sampling eval_batch_size prefix_len from_cache"
+        "task positive_rating epochs eval_every time_budget_min batch_size window num_negatives "
+        "temperature learning_rate weight_decay train_on_valid sampling eval_batch_size "
+        "prefix_len from_cache"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
 
@@ -318,6 +393,12 @@ def main(argv):
         path.write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {path}")
     s, t = result["validation_selected"], result["last"]
+    if result["task"] == "ranking":
+        log(
+            f"selected epoch {s['epoch']}: test AUC {s['test']['auc']:.4f} NE "
+            f"{s['test']['ne']:.4f}; last epoch {t['epoch']}: test AUC {t['test']['auc']:.4f}"
+        )
+        return
     log(
         f"selected epoch {s['epoch']}: test HR@10 {s['test']['hr@10']:.4f} "
         f"NDCG@10 {s['test']['ndcg@10']:.4f}; last epoch {t['epoch']}: test HR@10 "

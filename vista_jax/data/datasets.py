@@ -189,10 +189,10 @@ def _read(data_cfg: DataConfig, path, fingerprint: str) -> SequenceData:
     source = read_sequence_dataset(path)
     records = [source[u] for u in range(len(source))]
     lengths = np.array([len(r["item"]) for r in records])
-    split_bounds = None
+    bounds = None
     if data_cfg.every_event:
-        split_bounds = _split_bounds([r["time"] for r in records], data_cfg)
-        _check_splits(lengths, split_bounds, data_cfg)
+        bounds = split_bounds([r["time"] for r in records], data_cfg)
+        _check_splits(lengths, bounds, data_cfg)
     spec = ExampleSpec(
         task=data_cfg.task,
         requests="every_event" if data_cfg.every_event else "after_history",
@@ -215,11 +215,11 @@ def _read(data_cfg: DataConfig, path, fingerprint: str) -> SequenceData:
         item_category=np.asarray(meta["item_category"], np.int32),
         row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         fingerprint=fingerprint,
-        split_bounds=split_bounds,
+        split_bounds=bounds,
     )
 
 
-def _split_bounds(times: list[np.ndarray], data_cfg: DataConfig) -> np.ndarray:
+def split_bounds(times: list[np.ndarray], data_cfg: DataConfig) -> np.ndarray:
     """[U, 2] first validation and first test position of each user's (time-sorted) events.
 
     `global_time`: the cutoffs are the times of the events that start the last

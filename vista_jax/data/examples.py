@@ -200,7 +200,7 @@ def event_requests(lengths: np.ndarray, bounds: np.ndarray, split: str) -> np.nd
     """(user, t) pairs of an event-log ranking split, int64 [P, 2], in user then time order.
 
     `bounds[u] = (b0, b1)`: user u's events [0, b0) are training requests, [b0, b1)
-    validation and [b1, n) test (see `datasets._split_bounds`).
+    validation and [b1, n) test (see `datasets.split_bounds`).
     """
     if split not in EVENT_SPLITS:
         raise ValueError(f"split {split!r} is not one of {EVENT_SPLITS}")

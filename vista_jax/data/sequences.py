@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vista_jax.data import examples
+from vista_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -127,6 +128,79 @@ def from_event_log(
 ) -> SequenceSplits:
     offsets, item, time = user_sequences(log)
     return leave_one_out(offsets, item, time, log.num_items, window, train_on_valid, prefix_len)
+
+
+# -- ranking: every event a request, every position of a row scored --------------------------
+def ranking_row_starts(n: int, window: int) -> list[tuple[int, int]]:
+    """(start a, first supervised position) of each row of a user with n events.
+
+    Position p of a row reads events [a, a + p] and scores event a + p + 1. Row 0 (a = 0)
+    scores events 1..W; row k >= 1 starts at a = k * W/2 and scores only its last W/2
+    positions, events (a + W/2, a + W]: every event from 1 on is scored in exactly one row,
+    with at least W/2 events of the window before it (all of them in row 0).
+    """
+    half = window // 2
+    starts = [(0, 0)]
+    while starts[-1][0] + window < n - 1:  # Events after the last row's last target remain.
+        starts.append((starts[-1][0] + half, window - half))
+    return starts
+
+
+def event_ranking(
+    log, labels: np.ndarray, bounds: np.ndarray, window: int = 200, prefix_len: int = 0
+) -> SequenceSplits:
+    """Rows for the event ranking task, scored at every position (docs/PROTOCOLS.md §2).
+
+    Every event t >= 1 of a user is a request: its item is the candidate (`target` at the
+    position before it, 0 where a position scores nothing of this split), `labels[event]` its
+    label (`label`, float32), and the events before it are the history (the row's window up
+    to it, and `prefix`, the P events before the window). `bounds[u] = (b0, b1)` split user
+    u's events as `examples.event_requests` does: [0, b0) train, [b0, b1) valid, [b1, n) test.
+    A user's first event (no history at all) is no request here. Rows (`ranking_row_starts`)
+    overlap by W/2 so every scored event has at least W/2 events of window before it; a split
+    holds the rows that score any of its events. Each row also carries `action` (the rating
+    action id of each input event: a history event's label is known), `user` and `start`.
+    """
+    offsets, item, time = user_sequences(log)
+    time = (time - time.min()).astype(np.int32) if len(time) else time.astype(np.int32)
+    action = np.asarray(log.action, np.int32)
+    labels = np.asarray(labels, np.float32)
+    rows = {"train": [], "valid": [], "test": []}
+    for u in range(len(offsets) - 1):
+        lo, hi = int(offsets[u]), int(offsets[u + 1])
+        n, (b0, b1) = hi - lo, (int(b) for b in bounds[u])
+        ev_item, ev_time, ev_action = item[lo:hi], time[lo:hi], action[lo:hi]
+        for a, first in ranking_row_starts(n, window):
+            end = min(n, a + window + 1)  # Inputs [a, end - 1), scored events [a + 1, end).
+            scored = np.arange(a + 1, end)
+            row = _prefix(item[lo:hi], a, prefix_len) | {
+                "item": _left_aligned(ev_item[a : end - 1], window),
+                "time": _left_aligned(ev_time[a : end - 1], window),
+                "next_time": _left_aligned(ev_time[a + 1 : end], window),
+                "action": _left_aligned(ev_action[a : end - 1], window),
+                "user": np.int32(u),
+                "start": np.int32(a),  # Position p scores the user's event start + p + 1.
+            }
+            if prefix_len:
+                row["prefix_action"] = _left_aligned(
+                    ev_action[max(0, a - prefix_len) : a], prefix_len
+                )
+            label = _left_aligned(labels[lo:hi][a + 1 : end], window).astype(np.float32)
+            in_row = np.arange(len(scored)) >= first
+            for split, (s0, s1) in zip(rows, ((0, b0), (b0, b1), (b1, n)), strict=True):
+                mine = in_row & (scored >= s0) & (scored < s1)
+                if mine.any():
+                    target = _left_aligned(np.where(mine, ev_item[a + 1 : end], 0), window)
+                    rows[split].append(row | {"target": target, "label": label})
+    empty = [k for k, v in rows.items() if not v]
+    if empty:
+        raise DataError(
+            f"the ranking split leaves no {' and no '.join(empty)} request (a user's first "
+            "event is never one). Fix: use a log with more events per user, or other split "
+            "fractions"
+        )
+    splits = {k: _stack(v) for k, v in rows.items()}
+    return SequenceSplits(**splits, num_items=log.num_items, window=window)
 
 
 def _padded(split: Batch, rows: np.ndarray, batch_size: int) -> Batch:

@@ -48,6 +48,9 @@ class SequentialConfig:
     # reference; at evaluation that is the target's timestamp); "current" = its own time.
     query_time: str = "next"
     l2_eps: float = 1e-6
+    # Ranking (`vista_jax.sequential_ranking`): each input event also embeds its action id
+    # (its rating), 0 = off (retrieval reads items only, as the reference).
+    num_actions: int = 0
     # VISTA retriever (`vista_retriever.py`): K seeds read a snapshot every S events; stage 2
     # reads the K summary tokens of its snapshot plus the last R raw events.
     num_seeds: int = 32
@@ -103,7 +106,7 @@ def build_encoder(cfg: SequentialConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 # -- encoder ---------------------------------------------------------------------------------
 class InputEmbedding(nnx.Module):
-    """item * sqrt(D) + position, dropout, zero at padding."""
+    """(item [+ action]) * sqrt(D) + position, dropout, zero at padding."""
 
     def __init__(self, cfg: SequentialConfig, rngs: nnx.Rngs):
         d = cfg.d_model
@@ -122,12 +125,22 @@ class InputEmbedding(nnx.Module):
             else xavier_normal()
         )
         self.positions = param(pos_init, (cfg.max_len, d), (None, "embed"), rngs)
+        if cfg.num_actions:
+            init = nnx.initializers.truncated_normal(0.02)
+            self.actions = param(init, (cfg.num_actions, d), (None, "embed"), rngs)
         self.scale = math.sqrt(d)
         self.rate = cfg.dropout
 
-    def __call__(self, item_BxL, valid_BxL, key):
+    def events(self, item, action=None) -> jax.Array:
+        """(item [+ action]) * sqrt(D), without positions: [..., D]."""
+        x = self.items[...][item]
+        if action is not None and hasattr(self, "actions"):
+            x = x + self.actions[...][action]
+        return x * self.scale
+
+    def __call__(self, item_BxL, valid_BxL, key, action_BxL=None):
         length = item_BxL.shape[1]
-        x_BxLxD = self.items[...][item_BxL] * self.scale + self.positions[...][:length]
+        x_BxLxD = self.events(item_BxL, action_BxL) + self.positions[...][:length]
         x_BxLxD = dropout(x_BxLxD, self.rate, key)
         return x_BxLxD * valid_BxL[..., None].astype(x_BxLxD.dtype)
 
@@ -148,9 +161,12 @@ class SequentialEncoder(nnx.Module):
     def items_table(self) -> jax.Array:
         return self.embed.items[...]
 
-    def __call__(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None):
+    def __call__(
+        self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None,
+        action_BxL=None,
+    ):  # fmt: skip
         keys = KeySplitter(dropout_key)
-        x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
+        x_BxLxD = self.embed(item_BxL, valid_BxL, keys(), action_BxL)
         context = None
         if self.cfg.kind == "hstu":
             query_BxL = next_time_BxL if self.cfg.query_time == "next" else time_BxL

@@ -201,24 +201,28 @@ class VistaRetriever(nnx.Module):
     def normalized_items(self) -> jax.Array:
         return l2_normalize(self.items_table(), self.cfg.l2_eps)
 
-    def snapshot_summaries(self, x_BxLxD, valid_BxL, prefix_BxP=None) -> jax.Array:
+    def snapshot_summaries(
+        self, x_BxLxD, valid_BxL, prefix_BxP=None, prefix_action_BxP=None
+    ) -> jax.Array:
         """Summary tokens of every snapshot of the window (and prefix): [B, J, K, D]."""
         if self.cfg.summary_source != "live":
             raise ValueError("a cached-summary VistaRetriever needs summary_BxJxKxD")
-        states = self._prefix_states(prefix_BxP)
+        states = self._prefix_states(prefix_BxP, prefix_action_BxP)
         return self.summarizer(x_BxLxD, valid_BxL, self.cfg.snapshot_every, states)
 
-    def summaries(self, item_BxL, prefix_BxP=None) -> jax.Array:
+    def summaries(
+        self, item_BxL, prefix_BxP=None, action_BxL=None, prefix_action_BxP=None
+    ) -> jax.Array:
         """Deterministic summaries of a batch of windows: what a summary cache stores."""
         valid_BxL = item_BxL > 0
-        x_BxLxD = self.embed(item_BxL, valid_BxL, None)
-        return self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
+        x_BxLxD = self.embed(item_BxL, valid_BxL, None, action_BxL)
+        return self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP, prefix_action_BxP)
 
-    def _prefix_states(self, prefix_BxP):
+    def _prefix_states(self, prefix_BxP, prefix_action_BxP=None):
         """Stop-gradient states of the events before the window (None without a prefix)."""
         if prefix_BxP is None or prefix_BxP.shape[1] == 0:
             return None
-        x = self.embed.items[...][prefix_BxP] * self.embed.scale  # No window positions.
+        x = self.embed.events(prefix_BxP, prefix_action_BxP)  # No window positions.
         valid = prefix_BxP > 0
         return jax.lax.stop_gradient(self.summarizer.prefix_states(x * valid[..., None], valid))
 
@@ -231,11 +235,15 @@ class VistaRetriever(nnx.Module):
         dropout_key=None,
         prefix_BxP=None,
         summary_BxJxKxD=None,
+        action_BxL=None,
+        prefix_action_BxP=None,
     ):
         keys = KeySplitter(dropout_key)
-        x_BxLxD = self.embed(item_BxL, valid_BxL, keys())
+        x_BxLxD = self.embed(item_BxL, valid_BxL, keys(), action_BxL)
         if summary_BxJxKxD is None:
-            summary_BxJxKxD = self.snapshot_summaries(x_BxLxD, valid_BxL, prefix_BxP)
+            summary_BxJxKxD = self.snapshot_summaries(
+                x_BxLxD, valid_BxL, prefix_BxP, prefix_action_BxP
+            )
         elif self.cfg.summary_source == "live":
             raise ValueError("a live-summary VistaRetriever computes its own summaries")
         if self.quantize_summaries:
