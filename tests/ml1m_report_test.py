@@ -34,3 +34,18 @@ def test_runs_of_very_different_lengths_are_separate_rows(tmp_path):
     short = next(line for line in lines if line.startswith("| sasrec, 4 epochs | 2 |"))
     long = next(line for line in lines if line.startswith("| sasrec, 72 epochs | 1 |"))
     assert "0.2500 ± 0.0000" in short and "0.2800" in long
+
+
+def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
+    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.79}, "valid": {"auc": 0.81}}
+    ranking = _run("hstu", 0, 0.0) | {
+        "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,
+        "best_test_oracle": ev,
+    }  # fmt: skip
+    for i, run in enumerate([_run("hstu", 0, 0.2), ranking]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(run))
+    text = report.report(tmp_path)
+    retrieval_part, ranking_part = text.split("# ML-1M event ranking")
+    assert "0.2000" in retrieval_part and "0.8000" not in retrieval_part
+    hstu = next(line for line in ranking_part.splitlines() if line.startswith("| hstu |"))
+    assert "0.8000 | 0.7900" in hstu and "0.3097" not in hstu
