@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from experiments.ml1m import report
 
 
@@ -49,3 +52,36 @@ def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
     assert "0.2000" in retrieval_part and "0.8000" not in retrieval_part
     hstu = next(line for line in ranking_part.splitlines() if line.startswith("| hstu |"))
     assert "0.8000 | 0.7900" in hstu and "0.3097" not in hstu
+
+
+def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 4000
+    user, event = np.repeat(np.arange(400), 10), np.tile(np.arange(1, 11), 400)
+    label = rng.integers(0, 2, n)
+    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.8}, "valid": {"auc": 0.8}}
+    for name, noise, downstream in (("hstu", 2.0, None), ("vista_hstu", 0.5, "cache")):
+        run = _run(name, 0, 0.0) | {
+            "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,
+            "best_test_oracle": ev, "summary_cache": {"read_from": downstream},
+        }  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+        order = rng.permutation(n)  # Files need not list requests in the same order.
+        logit = label + noise * rng.normal(size=n)
+        np.savez(
+            tmp_path / f"{name}.test_predictions.npz", logit=logit[order],
+            label=label[order].astype(np.uint8), user=user[order], event=event[order],
+        )  # fmt: skip
+    lines = report.report(tmp_path).split("# ML-1M event ranking")[1].splitlines()
+    hstu = next(line for line in lines if line.startswith("| hstu |"))
+    vista = next(line for line in lines if line.startswith("| vista_hstu downstream"))
+    assert vista.endswith("| reference |")
+    diff, p = hstu.split("| ")[-1].rstrip(" |").split(" (p ")
+    assert float(diff) > 0.1 and float(p.rstrip(")")) <= 0.001
+
+
+def test_predictions_of_other_requests_are_not_compared():
+    a = {"user": np.array([0, 1]), "event": np.array([1, 1]), "label": np.array([1, 0]),
+         "logit": np.array([0.5, 0.1])}  # fmt: skip
+    with pytest.raises(ValueError, match="different requests"):
+        report.aligned(a, a | {"event": np.array([1, 2])})

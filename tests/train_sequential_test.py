@@ -1,4 +1,5 @@
-"""The ML-1M retrieval harness end to end on ML-100K: results JSON, exact resume, refusals.
+"""The ML-1M harness end to end on ML-100K (retrieval and ranking): results JSON, exact
+resume, refusals, the ranking run's saved predictions.
 
 Each run is a subprocess (the harness is an absl program); small windows keep it quick.
 """
@@ -7,8 +8,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from data_env import real_data_dir
+
+from vista_jax import metrics
 
 SMALL = ["--data=ml-100k", "--model=hstu", "--window=20", "--batch_size=256", "--eval_every=1"]
 
@@ -65,3 +69,39 @@ def test_resuming_under_other_flags_is_refused(runs):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "other flags" in proc.stderr and "learning_rate" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ranking_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rank")
+    resume, flags = tmp / "resume", ["--task=ranking", "--model=sasrec"]
+    straight, _ = _run(tmp, "straight", *flags, "--epochs=2")
+    _run(tmp, "first", *flags, "--epochs=1", f"--resume_dir={resume}")
+    resumed, log = _run(tmp, "resumed", *flags, "--epochs=2", f"--resume_dir={resume}")
+    return {"tmp": tmp, "straight": straight, "resumed": resumed, "resumed_log": log}
+
+
+def test_ranking_runs_score_every_request_and_keep_the_selected_predictions(ranking_runs):
+    r = ranking_runs["straight"]
+    assert r["task"] == "ranking" and r["validation_selected"]["criterion"] == "valid auc"
+    test = r["validation_selected"]["test"]
+    assert 0.5 < test["auc"] < 1 and 0 < test["ne"] < 1.2
+    preds = np.load(ranking_runs["tmp"] / "straight.test_predictions.npz")
+    assert int(preds["epoch"]) == r["validation_selected"]["epoch"]
+    assert len(preds["logit"]) == test["count"]
+    assert (
+        len(set(zip(preds["user"].tolist(), preds["event"].tolist(), strict=True))) == test["count"]
+    )
+    again = metrics.binary_metrics(preds["label"].astype(float), preds["logit"])
+    assert again["auc"] == pytest.approx(test["auc"], abs=1e-9)
+
+
+def test_a_resumed_ranking_run_equals_the_run_that_never_stopped(ranking_runs):
+    assert "resumed after epoch 1" in ranking_runs["resumed_log"]
+    straight, resumed = ranking_runs["straight"], ranking_runs["resumed"]
+    for split in ("valid", "test"):
+        for metric, value in straight["last"][split].items():
+            assert resumed["last"][split][metric] == pytest.approx(value, abs=1e-6)
+    tmp = ranking_runs["tmp"]
+    a, b = (dict(np.load(tmp / f"{n}.test_predictions.npz")) for n in ("straight", "resumed"))
+    np.testing.assert_allclose(a["logit"], b["logit"], atol=1e-5)

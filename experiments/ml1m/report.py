@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.report import cell
+from vista_jax import metrics
 
 PUBLISHED = {  # meta-recsys/generative-recommenders README, ML-1M, HR@10 / NDCG@10.
     "sasrec": (0.2853, 0.1603),
@@ -73,13 +74,49 @@ def task_of(run: dict) -> str:
     return run.get("task", "retrieval")  # Runs from before --task were all retrieval.
 
 
+def predictions(run: dict) -> dict | None:
+    """A ranking run's selected-epoch test predictions, saved beside its JSON, or None."""
+    path = pathlib.Path(run.get("_path", "")).with_suffix(".test_predictions.npz")
+    return dict(np.load(path)) if path.is_file() else None
+
+
+def aligned(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits of a, logits of b, users) over the same requests, in one order;
+    refuses predictions of other requests."""
+    order = [np.lexsort((p["event"], p["user"])) for p in (a, b)]
+    ids = [np.stack([p["user"][o], p["event"][o]]) for p, o in zip((a, b), order, strict=True)]
+    if ids[0].shape != ids[1].shape or not np.array_equal(*ids):
+        raise ValueError("the two runs' test predictions are for different requests")
+    oa, ob = order
+    return a["label"][oa].astype(np.float64), a["logit"][oa], b["logit"][ob], a["user"][oa]
+
+
+def paired_cell(group: list[dict], reference: list[dict]) -> str:
+    """Δ AUC of the reference (VISTA) minus this setting, mean over the seeds both have
+    predictions for, and the largest p of a paired bootstrap over users (1,000 resamples)."""
+    refs = {r["seed"]: predictions(r) for r in reference}
+    diffs, ps = [], []
+    for run in group:
+        mine, ref = predictions(run), refs.get(run["seed"])
+        if mine is None or ref is None:
+            continue
+        labels, ref_logit, logit, users = aligned(ref, mine)
+        test = metrics.paired_auc_bootstraps(labels, ref_logit, {"b": logit}, users)["b"]
+        diffs.append(test["diff"])
+        ps.append(test["p_value"])
+    return f"{np.mean(diffs):+.4f} (p {max(ps):.3g})" if diffs else ""
+
+
 def table(runs: list[dict], task: str = "retrieval") -> str:
     shown, oracle, _ = TASKS[task]
     groups = grouped(runs)
+    reference = next((g for name, g in groups.items() if "downstream" in name), None)
+    paired = task == "ranking" and reference is not None
     head = ["setting", "seeds", "epochs", "min/epoch"]
     head += [f"{which} {m}" for which in ("valid-selected", "last") for m in shown]
     head += [f"best-test (oracle) {oracle}"]
     head += ["published hr@10 / ndcg@10"] if task == "retrieval" else []
+    head += ["Δ AUC of VISTA downstream (p)"] if paired else []
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, group in sorted(groups.items()):
         row = [name, str(len(group)), ", ".join(str(r["epochs_run"]) for r in group)]
@@ -90,6 +127,8 @@ def table(runs: list[dict], task: str = "retrieval") -> str:
         if task == "retrieval":
             published = PUBLISHED.get(group[0]["model"])
             row.append(f"{published[0]} / {published[1]}" if published else "")
+        if paired:
+            row.append("reference" if group is reference else paired_cell(group, reference))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -108,7 +147,9 @@ def curves(runs: list[dict], task: str = "retrieval") -> str:
 
 
 def report(results_dir: pathlib.Path) -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    runs = [
+        json.loads(p.read_text()) | {"_path": str(p)} for p in sorted(results_dir.glob("*.json"))
+    ]
     retrieval = [r for r in runs if task_of(r) == "retrieval"]
     ranking = [r for r in runs if task_of(r) == "ranking"]
     text = [
@@ -137,7 +178,9 @@ def report(results_dir: pathlib.Path) -> str:
             "Every event a request for its own item, label = rating >= 4, global time split",
             "(the latest 10% of events test, the 10% before them validation), every position of",
             "a row scored in one causal pass; test AUC and NE (log loss over the base rate's;",
-            "lower is better), the epoch selected on validation AUC.",
+            "lower is better), the epoch selected on validation AUC. Δ AUC: the VISTA",
+            "downstream ranker's test AUC minus the row's, from the selected epochs' saved",
+            "predictions (`*.test_predictions.npz`), with a paired bootstrap over users.",
             "",
             table(ranking, "ranking"),
             "",

@@ -22,6 +22,7 @@ selected epoch is honest. Progress goes to stderr; the result JSON to --out.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -93,6 +94,7 @@ flags.DEFINE_string(
 )
 
 KS = (10, 50, 200)
+SELECTED_PREDICTIONS = "selected_test_predictions.npz"
 
 
 def log(msg: str) -> None:
@@ -109,14 +111,32 @@ def evaluate(score_fn, params, split: sequences.Batch, batch_size: int) -> dict[
     return metrics.ranking_metrics(np.concatenate(ranks), KS)
 
 
-def evaluate_ranking(logits_fn, params, split: sequences.Batch, batch_size: int) -> dict:
-    """AUC, log loss and NE over the split's scored positions (`target` > 0)."""
-    logits, labels = [], []
+def ranking_predictions(logits_fn, params, split: sequences.Batch, batch_size: int) -> dict:
+    """Every scored request of the split (`target` > 0): its logit, label, user and event
+    index (the request's id), in row order."""
+    parts = collections.defaultdict(list)
     for batch, n in sequences.eval_batches(split, batch_size):
         scored = batch["target"][:n] > 0
-        logits.append(np.asarray(logits_fn(params, batch))[:n][scored])
-        labels.append(batch["label"][:n][scored])
-    return metrics.binary_metrics(np.concatenate(labels), np.concatenate(logits))
+        rows, positions = np.nonzero(scored)
+        parts["logit"].append(np.asarray(logits_fn(params, batch))[:n][scored])
+        parts["label"].append(batch["label"][:n][scored].astype(np.uint8))
+        parts["user"].append(batch["user"][:n][rows])
+        parts["event"].append((batch["start"][:n][rows] + positions + 1).astype(np.int32))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate_ranking(logits_fn, params, split: sequences.Batch, batch_size: int) -> dict:
+    """AUC, log loss and NE over the split's scored positions."""
+    preds = ranking_predictions(logits_fn, params, split, batch_size)
+    return metrics.binary_metrics(preds["label"].astype(np.float32), preds["logit"])
+
+
+def save_predictions(path: pathlib.Path, preds: dict) -> None:
+    """Atomically (a kill mid-write leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **preds)
+    os.replace(tmp, path)
 
 
 def log_eval(row: dict) -> None:
@@ -284,6 +304,10 @@ def train_and_evaluate() -> dict:
         evals, epoch_seconds, first = record["evals"], record["epoch_seconds"], record["epoch"] + 1
         start -= record["wall_seconds"]  # Wall time counts every session; the budget, this one.
         log(f"resumed after epoch {record['epoch']} from {FLAGS.resume_dir}")
+    # Ranking: the test predictions of the validation-selected epoch so far (for paired
+    # tests between models), kept beside the resume steps so a resumed run has them too.
+    selected_file = pathlib.Path(FLAGS.resume_dir or "/nonexistent") / SELECTED_PREDICTIONS
+    selected_preds = dict(np.load(selected_file)) if selected_file.is_file() else None
     epoch = first - 1
     for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
@@ -303,6 +327,20 @@ def train_and_evaluate() -> dict:
             t1 = time.time()
             row = {"epoch": epoch, "train_loss": train_loss}
             for split in ("valid", "test"):
+                if ranking and split == "test":
+                    preds = ranking_predictions(
+                        score_fn, state.params, splits.test, FLAGS.eval_batch_size
+                    )
+                    row["test"] = metrics.binary_metrics(
+                        preds["label"].astype(np.float32), preds["logit"]
+                    )
+                    # Strictly better than every earlier epoch: the first of tied epochs
+                    # is the selected one, as below.
+                    if all(row["valid"]["auc"] > r["valid"]["auc"] for r in evals):
+                        selected_preds = preds | {"epoch": np.int32(epoch)}
+                        if FLAGS.resume_dir:
+                            save_predictions(selected_file, selected_preds)
+                    continue
                 row[split] = evaluate_split(
                     score_fn, state.params, getattr(splits, split), FLAGS.eval_batch_size
                 )
@@ -357,7 +395,7 @@ def train_and_evaluate() -> dict:
         "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
-    }
+    } | ({"_selected_predictions": selected_preds} if ranking else {})
 
 
 def ranking_splits(event_log) -> sequences.SequenceSplits:
@@ -384,14 +422,24 @@ def flag_values() -> dict:
     return {name: getattr(FLAGS, name) for name in names}
 
 
+def predictions_path(out: str | pathlib.Path) -> pathlib.Path:
+    """Where a ranking run's --out JSON keeps its selected epoch's test predictions."""
+    out = pathlib.Path(out)
+    return out.with_name(out.stem + ".test_predictions.npz")
+
+
 def main(argv):
     del argv
     result = train_and_evaluate()
     if FLAGS.out:
         path = pathlib.Path(FLAGS.out)
         path.parent.mkdir(parents=True, exist_ok=True)
+        preds = result.pop("_selected_predictions", None)
+        if preds is not None:
+            save_predictions(predictions_path(path), preds)
         path.write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {path}")
+    result.pop("_selected_predictions", None)
     s, t = result["validation_selected"], result["last"]
     if result["task"] == "ranking":
         log(
