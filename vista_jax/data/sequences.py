@@ -1,4 +1,8 @@
-"""Leave-one-out sequences for SASRec/HSTU retrieval (the HSTU protocol, docs/PROTOCOLS.md §1).
+"""Rows of per-user event windows for the sequential encoders (SASRec, HSTU, VISTA retriever).
+
+Two tasks. Retrieval (`leave_one_out`, the HSTU protocol, docs/PROTOCOLS.md §1), below; and
+event ranking (`event_ranking`, §2: every event a request, scored at every position of
+overlapping rows), at the end of this file.
 
 Per user, events sorted by time: the last is the test target, the second to last the
 validation target, the rest train. Rows are LEFT aligned windows of at most W events (padding
