@@ -73,6 +73,8 @@ def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path)
             label=label[order].astype(np.uint8), user=user[order], event=event[order],
         )  # fmt: skip
     lines = report.report(tmp_path).split("# ML-1M event ranking")[1].splitlines()
+    # Every request has 1..10 events before it: all in the first history bucket.
+    assert "| share of test requests | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in lines
     hstu = next(line for line in lines if line.startswith("| hstu |"))
     vista = next(line for line in lines if line.startswith("| vista_hstu downstream"))
     assert vista.endswith("| reference |")

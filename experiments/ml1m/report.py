@@ -107,6 +107,39 @@ def paired_cell(group: list[dict], reference: list[dict]) -> str:
     return f"{np.mean(diffs):+.4f} (p {max(ps):.3g})" if diffs else ""
 
 
+HISTORY_BUCKETS = (1, 100, 200, 400, 1000)  # Events before the request: [1, 100), ...
+
+
+def by_history(runs: list[dict]) -> str:
+    """Test AUC of each ranking setting per bucket of the request's history length (its
+    event index), mean over the seeds with saved predictions."""
+    edges = HISTORY_BUCKETS + (np.inf,)
+    names = [
+        f"{lo}-{hi - 1}" if hi < np.inf else f">= {lo}"
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    lines = ["| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    shares = None
+    for name, group in sorted(grouped(runs).items()):
+        per_seed = []
+        for run in group:
+            preds = predictions(run)
+            if preds is None:
+                continue
+            bucket = np.searchsorted(edges, preds["event"], side="right") - 1
+            label = preds["label"].astype(np.float64)
+            per_seed.append([metrics.auc(label[bucket == b], preds["logit"][bucket == b])
+                             for b in range(len(names))])  # fmt: skip
+            shares = np.bincount(bucket, minlength=len(names)) / len(bucket)
+        if per_seed:
+            cells = [f"{v:.4f}" for v in np.mean(per_seed, axis=0)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if shares is None:
+        return ""
+    lines.append("| share of test requests | " + " | ".join(f"{s:.3f}" for s in shares) + " |")
+    return "\n".join(lines)
+
+
 def table(runs: list[dict], task: str = "retrieval") -> str:
     shown, oracle, _ = TASKS[task]
     groups = grouped(runs)
@@ -189,6 +222,15 @@ def report(results_dir: pathlib.Path) -> str:
             curves(ranking, "ranking"),
             "",
         ]  # fmt: skip
+        history = by_history(ranking)
+        if history:
+            text += [
+                "Test AUC of the selected epoch by the request's history length (events",
+                "before it; window models read at most the last 200 of them):",
+                "",
+                history,
+                "",
+            ]  # fmt: skip
     return "\n".join(text)
 
 
