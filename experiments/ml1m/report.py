@@ -12,6 +12,7 @@ mean ± std.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import pathlib
 
@@ -76,7 +77,14 @@ def task_of(run: dict) -> str:
 
 def predictions(run: dict) -> dict | None:
     """A ranking run's selected-epoch test predictions, saved beside its JSON, or None."""
-    path = pathlib.Path(run.get("_path", "")).with_suffix(".test_predictions.npz")
+    return _load_predictions(
+        pathlib.Path(run.get("_path", "")).with_suffix(".test_predictions.npz")
+    )
+
+
+@functools.cache
+def _load_predictions(path: pathlib.Path) -> dict | None:
+    """Read once per report: the paired tests and the history table share them."""
     return dict(np.load(path)) if path.is_file() else None
 
 

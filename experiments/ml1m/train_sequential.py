@@ -213,7 +213,8 @@ class Progress:
         return state, dict(restored[checkpoints.META_ITEM])
 
 
-def train_and_evaluate() -> dict:
+def train_and_evaluate() -> tuple[dict, dict | None]:
+    """(the result JSON, the selected epoch's test predictions of a ranking run or None)."""
     start = session_start = time.time()
     commit = fingerprints.git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
@@ -267,20 +268,20 @@ def train_and_evaluate() -> dict:
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    # ==== steps: one jitted train step per packed-position capacity ==========================
+    # ==== steps: retrieval, one jitted step per packed-position capacity; ranking, one ======
     steps = {}
 
-    def train_step(capacity):
+    def step_for(batch):
         if ranking:  # Every position of a row is read anyway: nothing to pack.
-            capacity = None
-        if capacity not in steps and ranking:
-            step = sequential_ranking.make_train_step(graphdef, tx)
-            steps[capacity] = jax.jit(step, donate_argnums=0)
-        if capacity not in steps:
-            step = retrieval.make_train_step(
+            capacity, make = None, lambda: sequential_ranking.make_train_step(graphdef, tx)
+        else:
+            count = int(np.sum(batch["target"] > 0))
+            capacity = retrieval.position_capacity(count, batch_positions)
+            make = lambda: retrieval.make_train_step(  # noqa: E731
                 graphdef, tx, FLAGS.num_negatives, FLAGS.temperature, FLAGS.sampling, capacity
             )
-            steps[capacity] = jax.jit(step, donate_argnums=0)
+        if capacity not in steps:
+            steps[capacity] = jax.jit(make(), donate_argnums=0)
         return steps[capacity]
 
     make_score_fn = sequential_ranking.make_logits_fn if ranking else retrieval.make_score_fn
@@ -306,15 +307,16 @@ def train_and_evaluate() -> dict:
         log(f"resumed after epoch {record['epoch']} from {FLAGS.resume_dir}")
     # Ranking: the test predictions of the validation-selected epoch so far (for paired
     # tests between models), kept beside the resume steps so a resumed run has them too.
-    selected_file = pathlib.Path(FLAGS.resume_dir or "/nonexistent") / SELECTED_PREDICTIONS
-    selected_preds = dict(np.load(selected_file)) if selected_file.is_file() else None
+    selected_file = (
+        pathlib.Path(FLAGS.resume_dir) / SELECTED_PREDICTIONS if FLAGS.resume_dir else None
+    )
+    has_file = selected_file is not None and selected_file.is_file()
+    selected_preds = dict(np.load(selected_file)) if has_file else None
     epoch = first - 1
     for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
         for batch in sequences.train_batches(splits.train, FLAGS.batch_size, rng):
-            count = int(np.sum(batch["target"] > 0))
-            capacity = retrieval.position_capacity(count, batch_positions)
-            state, m = train_step(capacity)(state, batch, key)
+            state, m = step_for(batch)(state, batch, key)
             losses.append(m["loss"])
         train_loss = float(np.mean(jax.device_get(losses)))
         if not np.isfinite(train_loss):
@@ -338,7 +340,7 @@ def train_and_evaluate() -> dict:
                     # is the selected one, as below.
                     if all(row["valid"]["auc"] > r["valid"]["auc"] for r in evals):
                         selected_preds = preds | {"epoch": np.int32(epoch)}
-                        if FLAGS.resume_dir:
+                        if selected_file is not None:
                             save_predictions(selected_file, selected_preds)
                     continue
                 row[split] = evaluate_split(
@@ -395,7 +397,7 @@ def train_and_evaluate() -> dict:
         "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
-    } | ({"_selected_predictions": selected_preds} if ranking else {})
+    }, selected_preds
 
 
 def ranking_splits(event_log) -> sequences.SequenceSplits:
@@ -430,16 +432,14 @@ def predictions_path(out: str | pathlib.Path) -> pathlib.Path:
 
 def main(argv):
     del argv
-    result = train_and_evaluate()
+    result, preds = train_and_evaluate()
     if FLAGS.out:
         path = pathlib.Path(FLAGS.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        preds = result.pop("_selected_predictions", None)
         if preds is not None:
             save_predictions(predictions_path(path), preds)
         path.write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {path}")
-    result.pop("_selected_predictions", None)
     s, t = result["validation_selected"], result["last"]
     if result["task"] == "ranking":
         log(
