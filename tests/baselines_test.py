@@ -56,9 +56,9 @@ def test_sim_category_filter_equals_numpy(chunk):
     rng = np.random.default_rng(1)
     category = rng.integers(0, 4, (B, L))
     cand_category = rng.integers(0, 4, (B, C))
-    valid = jnp.arange(L)[None] < jnp.asarray(LENGTHS)[:, None]
+    end = jnp.broadcast_to(jnp.asarray(LENGTHS)[:, None], (B, C))
     positions, selected = sim_hard_select(
-        jnp.asarray(category), valid, jnp.asarray(cand_category), K, chunk
+        jnp.asarray(category), (jnp.zeros_like(end), end), jnp.asarray(cand_category), K, chunk
     )
     got = _as_mask(positions, selected, L)
     np.testing.assert_array_equal(got, _sim_numpy(category, LENGTHS, cand_category, K))
@@ -101,7 +101,8 @@ def _twin_reference_selection(model, batch, q, k):
     """Dense: every history event's head-averaged score, one lax.top_k over the valid ones."""
     keys, _ = model._keys_values(*model._history_ids(batch))
     scores = jnp.einsum("bche,blhe->bcl", q, keys) / (q.shape[2] * np.sqrt(q.shape[3]))
-    scores = np.where(np.asarray(model._history_valid(batch))[:, None], scores, -np.inf)
+    valid = np.arange(L)[None] < np.asarray(batch["hist_len"])[:, None]
+    scores = np.where(valid[:, None], scores, -np.inf)
     keep = np.zeros(scores.shape, bool)
     for b in range(B):
         for c in range(C):

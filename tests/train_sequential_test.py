@@ -105,3 +105,29 @@ def test_a_resumed_ranking_run_equals_the_run_that_never_stopped(ranking_runs):
     tmp = ranking_runs["tmp"]
     a, b = (dict(np.load(tmp / f"{n}.test_predictions.npz")) for n in ("straight", "resumed"))
     np.testing.assert_allclose(a["logit"], b["logit"], atol=1e-5)
+
+
+def test_a_request_form_ranker_scores_the_same_requests(ranking_runs):
+    """TWIN over [prefix; window] at every position: the same requests as the encoders."""
+    tmp = ranking_runs["tmp"]
+    flags = ["--task=ranking", "--model=twin", "--prefix_len=30", "--top_k=8", "--epochs=1"]
+    r, _ = _run(tmp, "twin", *flags)
+    assert r["config"]["top_k"] == 8 and r["config"]["num_categories"] > 0
+    assert 0.5 < r["last"]["test"]["auc"] < 1
+    twin, sasrec = (np.load(tmp / f"{n}.test_predictions.npz") for n in ("twin", "straight"))
+    pairs = [sorted(zip(p["user"].tolist(), p["event"].tolist(), strict=True)) for p in
+             (twin, sasrec)]  # fmt: skip
+    assert pairs[0] == pairs[1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model=full_attention"], "--task=ranking"),
+        (["--task=ranking", "--model=sim_hard", "--from_cache=/nonexistent"], "VISTA summaries"),
+        (["--task=ranking", "--model=sasrec", "--prefix_len=8"], "reads the window only"),
+    ],
+)
+def test_models_refuse_flags_they_cannot_honour(tmp_path, flags, message):
+    proc = _run(tmp_path, "refused", "--epochs=1", *flags, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -16,7 +16,13 @@ event costs its share of one pass over the row, not a pass over its own history:
 every event of ML-1M a request on a CPU. The loss is the mean binary cross-entropy over the
 scored positions of the batch.
 
-Dimension letters: B rows, L positions, D width.
+The request-form rankers (full target attention, SIM-hard, TWIN, recent-N:
+`vista_jax.models.target_attention`) score the same rows through `PositionTargetRanker`:
+`position_requests` turns a row into one request per position, whose history is the row's
+`[prefix; window]` and whose candidate p reads only the span of it before event p + 1, so
+each position's logit equals the request form's on that event's own history (tested).
+
+Dimension letters: B rows, L positions, D width, P prefix events.
 """
 
 from __future__ import annotations
@@ -61,6 +67,54 @@ class PositionRanker(nnx.Module):
         return self.head(user_BxLxD, cand_BxLxD)
 
 
+def right_aligned(x_BxP, count_B):
+    """A left-aligned [B, P] array (count valid entries each) moved to its right end."""
+    p = x_BxP.shape[1]
+    shift_B = p - count_B
+    index_BxP = (jnp.arange(p)[None] - shift_B[:, None]) % p  # Wraps onto the zero padding.
+    return jnp.take_along_axis(x_BxP, index_BxP, axis=1)
+
+
+def position_requests(batch) -> dict:
+    """Request-form inputs of rows: candidate p (`target[p]`) with history `[prefix; window]`.
+
+    The prefix moves to the right end of its P slots, so the valid history is one contiguous
+    run; candidate p reads positions [P - its prefix count, P + p] (`cand_hist_begin/end`):
+    the user's events before the event it scores, as far back as the row reaches.
+    """
+    names = ("item", "action", "gap", "category")
+    b, length = batch["item"].shape
+    prefix_len = batch["prefix"].shape[1] if "prefix" in batch else 0
+    count_B = jnp.sum(batch["prefix"] > 0, axis=1) if prefix_len else jnp.zeros(b, jnp.int32)
+    hist = {}
+    for name in names:
+        window = batch[name]
+        if prefix_len:
+            prefix = batch["prefix" if name == "item" else f"prefix_{name}"]
+            window = jnp.concatenate([right_aligned(prefix, count_B), window], axis=1)
+        hist[f"hist_{name}"] = window
+    end_BxL = jnp.broadcast_to(prefix_len + jnp.arange(length, dtype=jnp.int32) + 1, (b, length))
+    return hist | {
+        "hist_len": prefix_len + jnp.sum(batch["item"] > 0, axis=1),
+        "cand_item": batch["target"],
+        "cand_category": batch["target_category"],
+        "cand_hist_begin": jnp.broadcast_to((prefix_len - count_B)[:, None], (b, length)),
+        "cand_hist_end": end_BxL,
+    }
+
+
+class PositionTargetRanker(nnx.Module):
+    """A request-form ranker (`FullTargetAttentionRanker` or a subclass) over rows: -> [B, L]."""
+
+    def __init__(self, ranker: nnx.Module):
+        self.ranker = ranker
+
+    def __call__(self, batch, dropout_key=None):
+        del dropout_key  # The request-form rankers have no dropout.
+        logits_BxL, _ = self.ranker(position_requests(batch))
+        return logits_BxL
+
+
 def bce_loss(logits_BxL, label_BxL, scored_BxL):
     """Mean binary cross-entropy over the scored positions (and their count)."""
     losses = optax.sigmoid_binary_cross_entropy(logits_BxL, label_BxL)
@@ -73,7 +127,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
     """train_step(state, batch, key) -> (state, metrics): pure; jit it with donated state."""
 
     def loss_of(params, batch, key):
-        model: PositionRanker = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, params)  # PositionRanker or PositionTargetRanker
         logits = model(batch, dropout_key=fast_key(key))
         loss, count = bce_loss(logits, batch["label"], batch["target"] > 0)
         return loss, {"loss": loss, "positions": count}

@@ -9,7 +9,10 @@ r"""SASRec / HSTU / VISTA on MovieLens: retrieval under the HSTU protocol, or ev
 its own item, label = rating >= --positive_rating, global time split: the latest 10% of
 events test, the 10% before validation) scored at every position of a row in one causal
 pass (`vista_jax.sequential_ranking`); AUC, log loss and NE; epochs selected on valid AUC.
-The retrieval task:
+Ranking also trains the request-form rankers, each position a request over the events
+before it: `full_attention`, `sim_hard`, `twin` (the `--top_k` events of their search) and
+`recent_attention` (target attention over the last `--num_recent` events); with
+`--prefix_len` they read as far back as the VISTA retriever summarizes. The retrieval task:
 
 Settings follow meta-recsys/generative-recommenders `configs/ml-1m/*-final.gin` (see
 docs/RETRIEVAL_BASELINES.md): d=50, window 200, batch 128, dropout 0.2, sampled softmax with
@@ -43,14 +46,27 @@ from vista_jax import (
     retrieval_cache,
     sequential_ranking,
 )
+from vista_jax.config import RankerConfig
 from vista_jax.data import datasets, sequences
 from vista_jax.data.features import NUM_ACTIONS
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
+from vista_jax.models.sim import SimHardRanker
+from vista_jax.models.target_attention import FullTargetAttentionRanker
+from vista_jax.models.twin import TwinRanker
 
 FLAGS = flags.FLAGS
-MODELS = ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"]
-flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset.")
+ENCODERS = ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"]
+# Ranking only: the request-form rankers of the long-history comparison (name -> class, its
+# reading of the flags), scored at every position (`sequential_ranking.PositionTargetRanker`).
+TARGET_ATTENTION = {
+    "full_attention": (FullTargetAttentionRanker, lambda: {}),
+    "sim_hard": (SimHardRanker, lambda: {"top_k": FLAGS.top_k}),
+    "twin": (TwinRanker, lambda: {"top_k": FLAGS.top_k}),
+    "recent_attention": (FullTargetAttentionRanker, lambda: {"recent": FLAGS.num_recent}),
+}
+MODELS = ENCODERS + list(TARGET_ATTENTION)
+flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset, or a ranking-only ranker.")
 flags.DEFINE_enum("task", "retrieval", ["retrieval", "ranking"], "What is trained and scored.")
 flags.DEFINE_float("positive_rating", 4.0, "Ranking: label = rating >= this.")
 flags.DEFINE_enum("data", "ml-1m", ["ml-1m", "ml-100k"], "Dataset.")
@@ -72,7 +88,11 @@ flags.DEFINE_enum("query_time", "next", ["next", "current"], "HSTU time-bias que
 flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
 flags.DEFINE_integer("num_seeds", 32, "VISTA: summary tokens per snapshot.")
 flags.DEFINE_integer("snapshot_every", 40, "VISTA: events per snapshot (divides --window).")
-flags.DEFINE_integer("num_recent", 64, "VISTA: raw recent events each position reads.")
+flags.DEFINE_integer(
+    "num_recent", 64, "VISTA and recent_attention: raw recent events each position reads."
+)
+flags.DEFINE_integer("top_k", 64, "sim_hard and twin: history events their search keeps.")
+flags.DEFINE_integer("ranker_width", 50, "Request-form rankers: model width (2 heads).")
 flags.DEFINE_integer(
     "prefix_len", 0, "VISTA: also summarize up to this many events before the window (0 = off)."
 )
@@ -220,9 +240,20 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     # ==== data ================================================================================
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
-    if FLAGS.prefix_len and not FLAGS.model.startswith("vista"):
-        raise app.UsageError("--prefix_len is for --model=vista (the others read the window)")
     ranking = FLAGS.task == "ranking"
+    request_form = FLAGS.model in TARGET_ATTENTION
+    if request_form and not ranking:
+        raise app.UsageError(f"--model={FLAGS.model} ranks: use it with --task=ranking")
+    if FLAGS.prefix_len and not (FLAGS.model.startswith("vista") or request_form):
+        raise app.UsageError(
+            f"--prefix_len is for the VISTA and request-form models; --model={FLAGS.model} "
+            "reads the window only"
+        )
+    if FLAGS.from_cache and not FLAGS.model.startswith("vista"):
+        raise app.UsageError(
+            f"--from_cache holds VISTA summaries; --model={FLAGS.model} reads none. Fix: "
+            "use --model=vista or vista_hstu (the settings of the run that exported it)"
+        )
     if ranking:
         splits = ranking_splits(event_log)
         scored = {
@@ -247,10 +278,19 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         num_recent=FLAGS.num_recent,
     )
     source = "cached" if FLAGS.from_cache else "live"
-    cfg = preset(
-        FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
-        summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
-    )  # fmt: skip
+    if request_form:
+        w = FLAGS.ranker_width
+        cfg = RankerConfig(
+            num_items=splits.num_items, num_categories=event_log.num_categories, d_model=w,
+            num_heads=2, num_layers=1, mlp_hidden=2 * w, num_recent=FLAGS.num_recent,
+            summary_dim=0,
+        )  # fmt: skip
+    else:
+        cfg = preset(
+            FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
+            summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
+        )  # fmt: skip
+    vista_source = getattr(cfg, "kind", None) == "vista" and source == "live"
     if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
         splits = retrieval_cache.attach(
             splits, FLAGS.from_cache, *retrieval_cache.summary_shape(cfg)
@@ -258,13 +298,18 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         splits = dataclasses.replace(splits, **{
             name: {
                 k: v for k, v in getattr(splits, name).items()
-                if k not in ("prefix", "prefix_action")
+                if not k.startswith("prefix")
             }
             for name in retrieval_cache.SPLITS
         })  # fmt: skip
     rngs = nnx.Rngs(FLAGS.seed)
-    encoder = build_encoder(cfg, rngs)
-    model = sequential_ranking.PositionRanker(encoder, rngs) if ranking else encoder
+    if request_form:
+        cls, kwargs = TARGET_ATTENTION[FLAGS.model]
+        ranker = cls(cfg, rngs, chunk_size=4096, **kwargs())
+        model = sequential_ranking.PositionTargetRanker(ranker)
+    else:
+        encoder = build_encoder(cfg, rngs)
+        model = sequential_ranking.PositionRanker(encoder, rngs) if ranking else encoder
     tx = retrieval.make_optimizer(FLAGS.learning_rate, weight_decay=FLAGS.weight_decay)
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -288,7 +333,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     score_fn = jax.jit(make_score_fn(graphdef))
     evaluate_split = evaluate_ranking if ranking else evaluate
     int8_score_fn = None
-    if cfg.kind == "vista" and source == "live":  # Stage 2 on int8 summaries, as from a cache.
+    if vista_source:  # Stage 2 on int8 summaries, as from a cache.
         quantized = nnx.merge(graphdef, state.params)
         (quantized.encoder if ranking else quantized).quantize_summaries = True
         int8_score_fn = jax.jit(make_score_fn(nnx.split(quantized, nnx.Param)[0]))
@@ -361,7 +406,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     # ==== cache export ========================================================================
     exported = None
     if FLAGS.export_cache:
-        if cfg.kind != "vista" or source != "live":
+        if not vista_source:
             raise app.UsageError("--export_cache needs a source VISTA model (--model=vista*)")
         t2 = time.time()
         trained = nnx.merge(graphdef, state.params)
@@ -419,7 +464,7 @@ def flag_values() -> dict:
     names = (
         "task positive_rating epochs eval_every time_budget_min batch_size window num_negatives "
         "temperature learning_rate weight_decay train_on_valid sampling eval_batch_size "
-        "prefix_len from_cache"
+        "prefix_len from_cache top_k ranker_width"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
 

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vista_jax.data import examples
+from vista_jax.data.features import gap_buckets
 from vista_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
@@ -162,40 +163,51 @@ def event_ranking(
     u's events as `examples.event_requests` does: [0, b0) train, [b0, b1) valid, [b1, n) test.
     A user's first event (no history at all) is no request here. Rows (`ranking_row_starts`)
     overlap by W/2 so every scored event has at least W/2 events of window before it; a split
-    holds the rows that score any of its events. Each row also carries `action` (the rating
-    action id of each input event: a history event's label is known), `user` and `start`.
+    holds the rows that score any of its events. Each row also carries, per input event,
+    `action` (its rating action id: a history event's label is known), `gap` (the log2 bucket
+    of the time since the user's previous event, `features.gap_buckets`) and `category` (0 =
+    unknown), the same for the prefix (`prefix_action`, `prefix_gap`, `prefix_category`), the
+    candidate's `target_category`, and the row's `user` and `start`.
     """
     offsets, item, time = user_sequences(log)
+    gap = gap_buckets(time, offsets)
     time = (time - time.min()).astype(np.int32) if len(time) else time.astype(np.int32)
     action = np.asarray(log.action, np.int32)
+    category = np.asarray(log.category, np.int32)
     labels = np.asarray(labels, np.float32)
     rows = {"train": [], "valid": [], "test": []}
     for u in range(len(offsets) - 1):
         lo, hi = int(offsets[u]), int(offsets[u + 1])
         n, (b0, b1) = hi - lo, (int(b) for b in bounds[u])
-        ev_item, ev_time, ev_action = item[lo:hi], time[lo:hi], action[lo:hi]
+        events = {"item": item, "time": time, "action": action, "gap": gap, "category": category}
+        events = {name: x[lo:hi] for name, x in events.items()}
         for a, first in ranking_row_starts(n, window):
             end = min(n, a + window + 1)  # Inputs [a, end - 1), scored events [a + 1, end).
             scored = np.arange(a + 1, end)
-            row = _prefix(item[lo:hi], a, prefix_len) | {
-                "item": _left_aligned(ev_item[a : end - 1], window),
-                "time": _left_aligned(ev_time[a : end - 1], window),
-                "next_time": _left_aligned(ev_time[a + 1 : end], window),
-                "action": _left_aligned(ev_action[a : end - 1], window),
+            row = {name: _left_aligned(x[a : end - 1], window) for name, x in events.items()}
+            row |= {
+                "next_time": _left_aligned(events["time"][a + 1 : end], window),
                 "user": np.int32(u),
                 "start": np.int32(a),  # Position p scores the user's event start + p + 1.
             }
-            if prefix_len:
-                row["prefix_action"] = _left_aligned(
-                    ev_action[max(0, a - prefix_len) : a], prefix_len
-                )
+            if prefix_len:  # The P events before the window (left aligned).
+                p0 = max(0, a - prefix_len)
+                row |= {
+                    "prefix" if name == "item" else f"prefix_{name}": _left_aligned(
+                        events[name][p0:a], prefix_len
+                    )
+                    for name in ("item", "action", "gap", "category")
+                }
             label = _left_aligned(labels[lo:hi][a + 1 : end], window).astype(np.float32)
             in_row = np.arange(len(scored)) >= first
             for split, (s0, s1) in zip(rows, ((0, b0), (b0, b1), (b1, n)), strict=True):
                 mine = in_row & (scored >= s0) & (scored < s1)
                 if mine.any():
-                    target = _left_aligned(np.where(mine, ev_item[a + 1 : end], 0), window)
-                    rows[split].append(row | {"target": target, "label": label})
+                    target = {
+                        name: _left_aligned(np.where(mine, events[x][a + 1 : end], 0), window)
+                        for name, x in (("target", "item"), ("target_category", "category"))
+                    }
+                    rows[split].append(row | target | {"label": label})
     empty = [k for k, v in rows.items() if not v]
     if empty:
         raise DataError(

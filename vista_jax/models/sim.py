@@ -16,15 +16,19 @@ import jax.numpy as jnp
 from vista_jax.models.target_attention import FullTargetAttentionRanker, chunked_top_k
 
 
-def sim_hard_select(hist_category_BxL, hist_valid_BxL, cand_category_BxC, k: int, chunk: int):
-    """(positions [B, C, k], selected [B, C, k]): the latest k same-category events."""
+def sim_hard_select(hist_category_BxL, span, cand_category_BxC, k: int, chunk: int):
+    """(positions [B, C, k], selected [B, C, k]): the latest k same-category events.
 
-    def score(pos_T, category_BxT, valid_BxT):
-        match = (category_BxT[:, None, :] == cand_category_BxC[:, :, None]) & valid_BxT[:, None]
+    `span` = (begin, end) [B, C]: candidate c searches history positions [begin, end).
+    """
+
+    def score(pos_T, category_BxT):
+        match = category_BxT[:, None, :] == cand_category_BxC[:, :, None]
+        match &= FullTargetAttentionRanker.visible(span, pos_T)
         return jnp.where(match, pos_T.astype(jnp.float32), -jnp.inf)
 
     top, positions = chunked_top_k(
-        score, (hist_category_BxL, hist_valid_BxL), k, chunk, cand_category_BxC.shape[1]
+        score, (hist_category_BxL,), k, chunk, cand_category_BxC.shape[1]
     )
     return positions, jnp.isfinite(top)
 
@@ -36,9 +40,8 @@ class SimHardRanker(FullTargetAttentionRanker):
         category = batch.get("hist_category")
         if category is None:  # No categories: every event matches (the last k events).
             category = jnp.zeros_like(batch["hist_item"])
-        return sim_hard_select(
-            category, self._history_valid(batch), cand_category_BxC, self.top_k, self.chunk_size
-        )
+        span = self.history_span(batch, cand_category_BxC.shape[1])
+        return sim_hard_select(category, span, cand_category_BxC, self.top_k, self.chunk_size)
 
     def attend(self, q_BxCxHxE, batch) -> jax.Array:
         """Searches by `batch["cand_category"]` (unknown, 0, when absent), then attends."""

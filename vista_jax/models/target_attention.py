@@ -15,6 +15,12 @@ Two-stage baselines (`sim.py`, `twin.py`) subclass it: a search stage keeps k hi
 per candidate (`chunked_top_k`, the same scan), then `attend_gathered` attends to those k.
 Each form has a dense reference here (`target_attention_reference` with a per-candidate mask,
 `FullTargetAttentionRanker.attend_reference`) that the tests compare against.
+
+What a candidate may read is its *history span*, positions [begin, end) of the history
+arrays: [0, hist_len) for every candidate of a request, or its own span when the batch gives
+`cand_hist_begin` / `cand_hist_end` [B, C] (the per-position form of
+`vista_jax.sequential_ranking`: the candidate of event p + 1 reads events <= p). A ranker
+built with `recent=N` keeps the last N positions of each span: recent-N target attention.
 """
 
 from __future__ import annotations
@@ -50,14 +56,18 @@ def empty_carry(q_BxCxHxE: jax.Array) -> SoftmaxCarry:
 
 
 def fold_chunk(carry: SoftmaxCarry, q, k, v, valid) -> SoftmaxCarry:
-    """Folds keys/values k, v [B,T,H,E] (valid [B,T]) into the carry of queries q [B,C,H,E]."""
+    """Folds keys/values k, v [B,T,H,E] into the carry of queries q [B,C,H,E].
+
+    `valid` is [B, T] (every query reads the same keys) or [B, C, T] (per query).
+    """
     scale = 1.0 / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    mask_Bx1xCxT = valid[:, None, None, :] if valid.ndim == 2 else valid[:, None]
     logits_BxHxCxT = jnp.einsum("bche,bthe->bhct", q, k) * scale
-    logits_BxHxCxT = jnp.where(valid[:, None, None, :], logits_BxHxCxT, _NEG)
+    logits_BxHxCxT = jnp.where(mask_Bx1xCxT, logits_BxHxCxT, _NEG)
     new_max = jnp.maximum(carry.max, logits_BxHxCxT.max(axis=-1))
     # Masked logits sit at -1e30; with every key masked so far new_max is -1e30 too, so zero
     # their weights explicitly rather than trusting exp(0) = 1.
-    weights = jnp.exp(logits_BxHxCxT - new_max[..., None]) * valid[:, None, None, :]
+    weights = jnp.exp(logits_BxHxCxT - new_max[..., None]) * mask_Bx1xCxT
     rescale = jnp.exp(carry.max - new_max)
     denom = carry.denom * rescale + weights.sum(axis=-1)
     numer = carry.numer * rescale[..., None] + jnp.einsum("bhct,bthe->bhce", weights, v)
@@ -139,14 +149,23 @@ class FullTargetAttentionRanker(nnx.Module):
     """Candidates attend over the raw history (one layer), then an MLP scores each one.
 
     Reads the same batch keys as `Ranker` (`hist_item/hist_action/hist_gap/hist_len`,
-    `cand_item`; `hist_category`/`cand_category` when present). A learned null key/value
-    starts every softmax, so an empty history still gives a well-defined score.
-    Returns (logits [B, C], {"attended": [B, C, D]}).
+    `cand_item`; `hist_category`/`cand_category` when present; the optional per-candidate
+    spans `cand_hist_begin/cand_hist_end`). A learned null key/value starts every softmax, so
+    an empty history still gives a well-defined score. `recent` > 0 reads only the last
+    `recent` events of each span. Returns (logits [B, C], {"attended": [B, C, D]}).
     """
 
-    def __init__(self, cfg: RankerConfig, rngs: nnx.Rngs, chunk_size: int = 4096, top_k: int = 0):
+    def __init__(
+        self,
+        cfg: RankerConfig,
+        rngs: nnx.Rngs,
+        chunk_size: int = 4096,
+        top_k: int = 0,
+        recent: int = 0,
+    ):
         d = cfg.d_model
         self.num_heads, self.chunk_size, self.top_k = cfg.num_heads, chunk_size, top_k
+        self.recent = recent
         self.events = EventEmbedding(
             cfg.num_items, cfg.num_actions, cfg.num_gap_buckets, cfg.num_categories, d, rngs
         )
@@ -177,8 +196,22 @@ class FullTargetAttentionRanker(nnx.Module):
         return (batch["hist_item"], batch["hist_action"], batch["hist_gap"],
                 batch.get("hist_category"))  # fmt: skip
 
-    def _history_valid(self, batch) -> jax.Array:
-        return jnp.arange(batch["hist_item"].shape[1])[None] < batch["hist_len"][:, None]
+    def history_span(self, batch, num_cand: int) -> tuple[jax.Array, jax.Array]:
+        """(begin, end) [B, C] int32: candidate c reads history positions [begin, end)."""
+        if "cand_hist_end" in batch:
+            begin, end = batch["cand_hist_begin"], batch["cand_hist_end"]
+        else:
+            end = jnp.broadcast_to(batch["hist_len"][:, None], (len(batch["hist_len"]), num_cand))
+            begin = jnp.zeros_like(end)
+        if self.recent:
+            begin = jnp.maximum(begin, end - self.recent)
+        return begin.astype(jnp.int32), end.astype(jnp.int32)
+
+    @staticmethod
+    def visible(span, pos_T) -> jax.Array:
+        """[B, C, T]: which of the history positions `pos_T` each candidate reads."""
+        begin, end = (x[:, :, None] for x in span)
+        return (pos_T[None, None] >= begin) & (pos_T[None, None] < end)
 
     def attend_gathered(self, q_BxCxHxE, batch, positions_BxCxK, selected_BxCxK) -> jax.Array:
         """Each candidate attends to [null; its own k history events] (the second stage).
@@ -211,11 +244,9 @@ class FullTargetAttentionRanker(nnx.Module):
         k, v = self._keys_values(*self._history_ids(batch))
         b, c = q_BxCxHxE.shape[:2]
         null_k, null_v = self._null_kv(b, q_BxCxHxE.shape[2:])
-        valid = self._history_valid(batch)
-        keep = valid[:, None] if keep_BxCxL is None else keep_BxCxL & valid[:, None]
-        keep = jnp.concatenate(
-            [jnp.ones((b, c, 1), bool), jnp.broadcast_to(keep, (b, c, valid.shape[1]))], 2
-        )
+        keep = self.visible(self.history_span(batch, c), jnp.arange(k.shape[1]))
+        keep = keep if keep_BxCxL is None else keep & keep_BxCxL
+        keep = jnp.concatenate([jnp.ones((b, c, 1), bool), keep], 2)
         k, v = jnp.concatenate([null_k, k], 1), jnp.concatenate([null_v, v], 1)
         return target_attention_reference(q_BxCxHxE, k, v, keep)
 
@@ -224,19 +255,20 @@ class FullTargetAttentionRanker(nnx.Module):
         item = batch["hist_item"]
         b, length = item.shape
         t = max(1, min(self.chunk_size, length))
-        valid = self._history_valid(batch)
+        span = self.history_span(batch, q_BxCxHxE.shape[1])
         null_valid = jnp.ones((b, 1), bool)
         null_k, null_v = self._null_kv(b, q_BxCxHxE.shape[2:])
         carry = fold_chunk(empty_carry(q_BxCxHxE), q_BxCxHxE, null_k, null_v, null_valid)
 
         def body(carry, xs):
-            *ids, valid_c = xs
+            start, *ids = xs
             k, v = self._keys_values(*ids)
-            return fold_chunk(carry, q_BxCxHxE, k, v, valid_c), None
+            valid = self.visible(span, start + jnp.arange(t, dtype=jnp.int32))
+            return fold_chunk(carry, q_BxCxHxE, k, v, valid), None
 
-        category = batch.get("hist_category")
-        ids = (item, batch["hist_action"], batch["hist_gap"], category, valid)
-        xs = tuple(None if x is None else _chunks(x, t) for x in ids)
+        ids = self._history_ids(batch)
+        starts = jnp.arange(-(-length // t), dtype=jnp.int32) * t
+        xs = (starts,) + tuple(None if x is None else _chunks(x, t) for x in ids)
         carry, _ = jax.lax.scan(body, carry, xs)
         return finish(carry)
 

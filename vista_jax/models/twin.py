@@ -19,24 +19,23 @@ from vista_jax.models.target_attention import FullTargetAttentionRanker, chunked
 class TwinRanker(FullTargetAttentionRanker):
     """TWIN (consistency-preserving search by the attention score, then target attention)."""
 
-    def search_scores(self, q_BxCxHxE, ids, valid_BxT) -> jax.Array:
-        """Head-averaged attention logits [B, C, T] of a chunk of events; -inf where invalid."""
+    def search_scores(self, q_BxCxHxE, ids, visible_BxCxT) -> jax.Array:
+        """Head-averaged attention logits [B, C, T] of a chunk of events; -inf where unread."""
         k, _ = self._keys_values(*ids)
         scale = 1.0 / (q_BxCxHxE.shape[2] * jnp.sqrt(q_BxCxHxE.shape[3]).astype(jnp.float32))
         scores = jnp.einsum("bche,bthe->bct", q_BxCxHxE, k) * scale
-        return jnp.where(valid_BxT[:, None], scores, -jnp.inf)
+        return jnp.where(visible_BxCxT, scores, -jnp.inf)
 
     def select(self, q_BxCxHxE, batch) -> tuple[jax.Array, jax.Array]:
         """(positions [B, C, k], selected [B, C, k]) of the k best-scoring history events."""
         q = jax.lax.stop_gradient(q_BxCxHxE)
         item, action, gap, category = self._history_ids(batch)
-        valid = self._history_valid(batch)
+        span = self.history_span(batch, q.shape[1])
 
-        def score(pos_T, item, action, gap, category, valid):
-            del pos_T
-            return self.search_scores(q, (item, action, gap, category), valid)
+        def score(pos_T, item, action, gap, category):
+            return self.search_scores(q, (item, action, gap, category), self.visible(span, pos_T))
 
-        xs = (item, action, gap, category, valid)
+        xs = (item, action, gap, category)
         top, positions = chunked_top_k(score, xs, self.top_k, self.chunk_size, q.shape[1])
         return positions, jnp.isfinite(top)
 

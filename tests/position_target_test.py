@@ -1,0 +1,142 @@
+"""The request-form rankers scored at every position of event-ranking rows.
+
+`sequential_ranking.PositionTargetRanker` scores every position of a row in one call; each
+position's logit must equal the request form's (`FullTargetAttentionRanker`, SIM-hard, TWIN,
+recent-N) on a request built directly from the user's events: the events before it, as far
+back as the row reaches (its prefix and window), with the event's item as the candidate.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vista_jax import sequential_ranking
+from vista_jax.config import RankerConfig
+from vista_jax.data import datasets, eventlog, sequences
+from vista_jax.data.features import gap_buckets
+from vista_jax.models.sim import SimHardRanker
+from vista_jax.models.target_attention import FullTargetAttentionRanker
+from vista_jax.models.twin import TwinRanker
+
+NUM_ITEMS, WINDOW, PREFIX, K = 20, 8, 6, 3
+LENGTHS = [1, 2, 5, 9, 23, 40]  # One event only, short, window-sized, beyond the prefix.
+RANKERS = {
+    "full_attention": (FullTargetAttentionRanker, {}),
+    "sim_hard": (SimHardRanker, {"top_k": K}),
+    "twin": (TwinRanker, {"top_k": K}),
+    "recent": (FullTargetAttentionRanker, {"recent": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    n = sum(LENGTHS)
+    user = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
+    item = rng.integers(1, NUM_ITEMS + 1, n)
+    genre = np.array(["drama", "comedy", "horror", ""])[item % 4]  # "" = unknown category.
+    time = np.concatenate([np.sort(rng.choice(100_000, k, replace=False)) for k in LENGTHS])
+    rating = rng.integers(1, 6, n).astype(float)
+    log = eventlog.from_columns(user=user, item=item, time=time, rating=rating, category=genre)
+    cfg = datasets.DataConfig(
+        kind="table", task="ranking", path="<test>", history_window=WINDOW, num_recent=WINDOW,
+        valid_fraction=0.2, test_fraction=0.2,
+    )  # fmt: skip
+    times = np.split(np.asarray(log.time, np.int64), log.user_offsets[1:-1])
+    bounds = datasets.split_bounds(times, cfg)
+    labels = datasets.event_labels(log, cfg)
+    return log, sequences.event_ranking(log, labels, bounds, WINDOW, PREFIX)
+
+
+def _rows(splits):
+    """Every row of every split, one batch."""
+    parts = [getattr(splits, s) for s in ("train", "valid", "test")]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _events(log):
+    """Per-event item, action, gap bucket and category, flat over users."""
+    return {
+        "item": np.asarray(log.item),
+        "action": np.asarray(log.action),
+        "gap": gap_buckets(np.asarray(log.time, np.int64), log.user_offsets),
+        "category": np.asarray(log.category),
+    }
+
+
+def test_rows_carry_each_input_events_gap_and_category(data):
+    log, splits = data
+    ev, offsets = _events(log), log.user_offsets
+    assert log.num_categories == 3 and (ev["category"] == 0).any()
+    rows = _rows(splits)
+    for r in range(len(rows["item"])):
+        lo, a = int(offsets[rows["user"][r]]), int(rows["start"][r])
+        n = int(np.sum(rows["item"][r] > 0))
+        p0 = max(0, a - PREFIX)
+        for name in ("gap", "category"):
+            np.testing.assert_array_equal(rows[name][r, :n], ev[name][lo + a : lo + a + n])
+            np.testing.assert_array_equal(
+                rows[f"prefix_{name}"][r, : a - p0], ev[name][lo + p0 : lo + a]
+            )
+        scored = np.flatnonzero(rows["target"][r])
+        np.testing.assert_array_equal(
+            rows["target_category"][r, scored], ev["category"][lo + a + scored + 1]
+        )
+
+
+def _direct_requests(log, rows):
+    """(request batch with one candidate each, (row, position) of each) from the raw log."""
+    ev, offsets = _events(log), log.user_offsets
+    width = PREFIX + WINDOW
+    hist = {name: [] for name in ev}
+    lengths, cand, cand_category, where = [], [], [], []
+    for r, p in zip(*np.nonzero(rows["target"]), strict=True):
+        lo, a = int(offsets[rows["user"][r]]), int(rows["start"][r])
+        t = a + p + 1  # The scored event; its history reaches back to the row's prefix.
+        h0 = max(0, a - PREFIX)
+        for name, x in ev.items():
+            hist[name].append(np.pad(x[lo + h0 : lo + t], (0, width - (t - h0))))
+        lengths.append(t - h0)
+        cand.append([ev["item"][lo + t]])
+        cand_category.append([ev["category"][lo + t]])
+        where.append((r, p))
+    batch = {f"hist_{name}": np.stack(x) for name, x in hist.items()}
+    batch |= {"hist_len": np.array(lengths), "cand_item": np.array(cand)}
+    batch["cand_category"] = np.array(cand_category)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}, tuple(np.array(where).T)
+
+
+@pytest.mark.parametrize("name", sorted(RANKERS))
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_every_position_equals_the_request_form_on_its_own_history(data, name, chunk):
+    log, splits = data
+    cls, kw = RANKERS[name]
+    cfg = RankerConfig(
+        num_items=NUM_ITEMS, num_categories=log.num_categories, d_model=8, num_heads=2,
+        mlp_hidden=16,
+    )  # fmt: skip
+    ranker = cls(cfg, nnx.Rngs(0), chunk_size=chunk, **kw)
+    rows = _rows(splits)
+    got = np.asarray(sequential_ranking.PositionTargetRanker(ranker)(rows))
+    requests, where = _direct_requests(log, rows)
+    want = np.asarray(ranker(requests)[0][:, 0])
+    assert len(want) == sum(LENGTHS) - len(LENGTHS)  # Every event but a first one.
+    np.testing.assert_allclose(got[where], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_position_reads_no_later_event(data):
+    """Changing every event after position p (and its candidate) leaves logit p unchanged."""
+    log, splits = data
+    cfg = RankerConfig(num_items=NUM_ITEMS, num_categories=3, d_model=8, mlp_hidden=16)
+    model = sequential_ranking.PositionTargetRanker(FullTargetAttentionRanker(cfg, nnx.Rngs(1)))
+    rows = _rows(splits)
+    base = np.asarray(model(rows))
+    p = WINDOW // 2
+    later = np.arange(WINDOW) > p
+    changed = dict(rows)
+    for name in ("item", "action", "gap", "category", "target", "target_category"):
+        changed[name] = np.where(later, (rows[name] + 1) % 3 + 1, rows[name])
+    got = np.asarray(model(changed))
+    np.testing.assert_allclose(got[:, : p + 1], base[:, : p + 1], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got[:, p + 1 :], base[:, p + 1 :])
