@@ -27,6 +27,18 @@ def test_table_groups_seeds_and_marks_settings(tmp_path):
     assert "vista +lifelong prefix 64" in text
 
 
+def test_settings_name_what_each_request_form_ranker_reads():
+    def named(model, **config):
+        return report.setting({"model": model, "config": config})
+
+    assert named("twin", top_k=64, prefix_len=1024) == "twin k=64 +lifelong prefix 1024"
+    assert named("sim_hard", top_k=16) == "sim_hard k=16"
+    assert named("recent_attention", num_recent=64) == "recent_attention R=64"
+    assert named("full_attention", prefix_len=1024) == "full_attention +lifelong prefix 1024"
+    assert named("vista", num_recent=200) == "vista R=200"
+    assert named("hstu", num_recent=200) == "hstu"  # Not read by the window encoders.
+
+
 def test_runs_of_very_different_lengths_are_separate_rows(tmp_path):
     runs = [_run("sasrec", s, 0.25) for s in (0, 1)] + [_run("sasrec", 0, 0.28)]
     runs[2]["epochs_run"] = 72

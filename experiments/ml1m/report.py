@@ -32,9 +32,13 @@ PUBLISHED = {  # meta-recsys/generative-recommenders README, ML-1M, HR@10 / NDCG
 def setting(run: dict) -> str:
     """A run's model and the switches that change what it measures."""
     cfg = run["config"]
-    name = run["model"]
-    if name.startswith("vista") and cfg.get("num_recent", 64) != 64:
+    model = name = run["model"]
+    if model == "recent_attention" or (
+        model.startswith("vista") and cfg.get("num_recent", 64) != 64
+    ):
         name += f" R={cfg['num_recent']}"
+    if model in ("sim_hard", "twin"):
+        name += f" k={cfg['top_k']}"
     if cfg.get("prefix_len"):
         name += f" +lifelong prefix {cfg['prefix_len']}"
     if (run.get("summary_cache") or {}).get("read_from"):
@@ -234,7 +238,7 @@ def report(results_dir: pathlib.Path) -> str:
         if history:
             text += [
                 "Test AUC of the selected epoch by the request's history length (events",
-                "before it; window models read at most the last 200 of them):",
+                "before it; a model without a prefix reads at most the last 200 of them):",
                 "",
                 history,
                 "",
