@@ -85,6 +85,7 @@ def test_ranking_runs_score_every_request_and_keep_the_selected_predictions(rank
     r = ranking_runs["straight"]
     assert r["task"] == "ranking" and r["validation_selected"]["criterion"] == "valid auc"
     test = r["validation_selected"]["test"]
+    assert r["scored_events"]["test"] == test["count"] and r["scored_events"]["train"] > 0
     assert 0.5 < test["auc"] < 1 and 0 < test["ne"] < 1.2
     preds = np.load(ranking_runs["tmp"] / "straight.test_predictions.npz")
     assert int(preds["epoch"]) == r["validation_selected"]["epoch"]

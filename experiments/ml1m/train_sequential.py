@@ -254,6 +254,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             f"--from_cache holds VISTA summaries; --model={FLAGS.model} reads none. Fix: "
             "use --model=vista or vista_hstu (the settings of the run that exported it)"
         )
+    scored = None  # Ranking: the requests of each split (for examples/s beside the AUC).
     if ranking:
         splits = ranking_splits(event_log)
         scored = {
@@ -436,6 +437,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         "last": evals[-1],
         "best_test_oracle": {"note": f"chosen on TEST {criterion}: optimistic, not a result"}
         | best_test,
+        "scored_events": scored,
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
         "summary_cache": {"read_from": FLAGS.from_cache or None, "exported": exported},
