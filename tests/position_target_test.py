@@ -15,6 +15,7 @@ from vista_jax import sequential_ranking
 from vista_jax.config import RankerConfig
 from vista_jax.data import datasets, eventlog, sequences
 from vista_jax.data.features import gap_buckets
+from vista_jax.models.ranker import Ranker
 from vista_jax.models.sim import SimHardRanker
 from vista_jax.models.target_attention import FullTargetAttentionRanker
 from vista_jax.models.twin import TwinRanker
@@ -140,3 +141,44 @@ def test_a_position_reads_no_later_event(data):
     got = np.asarray(model(changed))
     np.testing.assert_allclose(got[:, : p + 1], base[:, : p + 1], rtol=1e-6, atol=1e-6)
     assert not np.allclose(got[:, p + 1 :], base[:, p + 1 :])
+
+
+def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data):
+    """PositionSummaryRanker: position p = `Ranker` on snapshot (p+1)//S's tokens and the
+    last R events before the scored event."""
+    log, splits = data
+    every, num_seeds, dim, r = 4, 2, 6, 3
+    rows = {k: v for k, v in _rows(splits).items() if not k.startswith("prefix")}
+    n, j = len(rows["item"]), WINDOW // every + 1
+    rng = np.random.default_rng(3)
+    rows["summary_values"] = rng.normal(size=(n, j, num_seeds, dim)).astype(np.float32)
+    cfg = RankerConfig(
+        num_items=NUM_ITEMS, num_categories=log.num_categories, d_model=8, num_heads=2,
+        num_layers=2, mlp_hidden=16, num_recent=r, summary_dim=dim,
+    )  # fmt: skip
+    ranker = Ranker(cfg, nnx.Rngs(2))
+    got = np.asarray(sequential_ranking.PositionSummaryRanker(ranker, every)(rows))
+    ev, offsets = _events(log), log.user_offsets
+    requests, where = {f"recent_{name}": [] for name in ev}, []
+    summaries, lengths, cand, cand_category = [], [], [], []
+    for row, p in zip(*np.nonzero(rows["target"]), strict=True):
+        lo, a = int(offsets[rows["user"][row]]), int(rows["start"][row])
+        t = a + p + 1
+        h0 = max(0, t - r)
+        for name, x in ev.items():
+            requests[f"recent_{name}"].append(np.pad(x[lo + h0 : lo + t], (0, r - (t - h0))))
+        lengths.append(t - h0)
+        summaries.append(rows["summary_values"][row, (p + 1) // every])
+        cand.append([ev["item"][lo + t]])
+        cand_category.append([ev["category"][lo + t]])
+        where.append((row, p))
+    batch = {k: jnp.asarray(np.stack(v), jnp.int32) for k, v in requests.items()}
+    batch |= {
+        "recent_len": jnp.asarray(lengths, jnp.int32),
+        "summary": jnp.asarray(np.stack(summaries)),
+        "summary_mask": jnp.ones(len(lengths), bool),
+        "cand_item": jnp.asarray(cand, jnp.int32),
+        "cand_category": jnp.asarray(cand_category, jnp.int32),
+    }
+    want = np.asarray(ranker(batch)[0][:, 0])
+    np.testing.assert_allclose(got[tuple(np.array(where).T)], want, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,15 @@ The request-form rankers (full target attention, SIM-hard, TWIN, recent-N:
 `[prefix; window]` and whose candidate p reads only the span of it before event p + 1, so
 each position's logit equals the request form's on that event's own history (tested).
 
-Dimension letters: B rows, L positions, D width, P prefix events.
+VISTA's own stage 2 (`vista_jax.models.ranker.Ranker`: the candidate attends to `[summary
+tokens; last R events]`) scores the rows through `PositionSummaryRanker`, reading the
+summaries a source retriever exported to the summary store (`retrieval_cache.attach`):
+position p reads the K tokens of snapshot (p + 1) // S, as the retriever does, and the last
+R window events up to p; each position is the request form's `Ranker` on those inputs
+(tested).
+
+Dimension letters: B rows, L positions, D width, P prefix events, J snapshots, K summary
+tokens, R recent events.
 """
 
 from __future__ import annotations
@@ -113,6 +121,53 @@ class PositionTargetRanker(nnx.Module):
         del dropout_key  # The request-form rankers have no dropout.
         logits_BxL, _ = self.ranker(position_requests(batch))
         return logits_BxL
+
+
+def position_recent(batch, num_recent: int) -> dict:
+    """Per position p, the last R window events up to p, left aligned: `recent_*` [B, L, R]
+    and `recent_len` [L] (the request form's `examples.recent_arrays`)."""
+    length = batch["item"].shape[1]
+    p_L = jnp.arange(length)
+    len_L = jnp.minimum(p_L + 1, num_recent)
+    slot_LxR = (p_L + 1 - len_L)[:, None] + jnp.arange(num_recent)[None]
+    valid_LxR = jnp.arange(num_recent)[None] < len_L[:, None]
+    out = {
+        f"recent_{name}": jnp.where(valid_LxR, batch[name][:, jnp.minimum(slot_LxR, length - 1)], 0)
+        for name in ("item", "action", "gap", "category")
+    }
+    return out | {"recent_len": len_L}
+
+
+class PositionSummaryRanker(nnx.Module):
+    """VISTA's stage 2 (`Ranker`) at every position of cache-fed rows: -> logits [B, L].
+
+    Reads `summary_values` [, `summary_scale`] (the row's J snapshots, `retrieval.
+    lifelong_inputs` dequantizes them), the window and the targets; never the prefix.
+    """
+
+    def __init__(self, ranker: nnx.Module, snapshot_every: int):
+        self.ranker, self.snapshot_every = ranker, snapshot_every
+
+    def __call__(self, batch, dropout_key=None):
+        del dropout_key  # The ranker has no dropout.
+        b, length = batch["item"].shape
+        summary_BxJxKxD = lifelong_inputs(batch)["summary_BxJxKxD"]
+        snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every
+        summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]
+        recent = position_recent(batch, self.ranker.cfg.num_recent)
+        n = b * length
+        requests = {
+            k: v.reshape((n,) + v.shape[2:]) for k, v in recent.items() if k != "recent_len"
+        }
+        requests |= {
+            "recent_len": jnp.broadcast_to(recent["recent_len"], (b, length)).reshape(n),
+            "summary": summary_BxLxKxD.reshape((n,) + summary_BxLxKxD.shape[2:]),
+            "summary_mask": jnp.ones((n,), bool),
+            "cand_item": batch["target"].reshape(n, 1),
+            "cand_category": batch["target_category"].reshape(n, 1),
+        }
+        logits, _ = self.ranker(requests)
+        return logits.reshape(b, length)
 
 
 def bce_loss(logits_BxL, label_BxL, scored_BxL):

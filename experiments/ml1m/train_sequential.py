@@ -12,7 +12,10 @@ pass (`vista_jax.sequential_ranking`); AUC, log loss and NE; epochs selected on 
 Ranking also trains the request-form rankers, each position a request over the events
 before it: `full_attention`, `sim_hard`, `twin` (the `--top_k` events of their search) and
 `recent_attention` (target attention over the last `--num_recent` events); with
-`--prefix_len` they read as far back as the VISTA retriever summarizes. The retrieval task:
+`--prefix_len` they read as far back as the VISTA retriever summarizes. `vista_ranker` is
+VISTA's stage 2 on the summaries of a `--model=vista_hstu --export_cache` run
+(`--from_cache`, same --prefix_len): each candidate attends to its snapshot's summary tokens
+and the last `--num_recent` events. The retrieval task:
 
 Settings follow meta-recsys/generative-recommenders `configs/ml-1m/*-final.gin` (see
 docs/RETRIEVAL_BASELINES.md): d=50, window 200, batch 128, dropout 0.2, sampled softmax with
@@ -50,6 +53,7 @@ from vista_jax.config import RankerConfig
 from vista_jax.data import datasets, sequences
 from vista_jax.data.features import NUM_ACTIONS
 from vista_jax.data.loaders import load_event_log
+from vista_jax.models.ranker import Ranker
 from vista_jax.models.sequential import build_encoder, preset
 from vista_jax.models.sim import SimHardRanker
 from vista_jax.models.target_attention import FullTargetAttentionRanker
@@ -65,7 +69,10 @@ TARGET_ATTENTION = {
     "twin": (TwinRanker, lambda: {"top_k": FLAGS.top_k}),
     "recent_attention": (FullTargetAttentionRanker, lambda: {"recent": FLAGS.num_recent}),
 }
-MODELS = ENCODERS + list(TARGET_ATTENTION)
+# Ranking only, from a --from_cache of vista_hstu summaries: VISTA's stage 2 (`Ranker`), the
+# candidate attending to [its snapshot's summary tokens; the last --num_recent events].
+SUMMARY_RANKER = "vista_ranker"
+MODELS = ENCODERS + list(TARGET_ATTENTION) + [SUMMARY_RANKER]
 flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset, or a ranking-only ranker.")
 flags.DEFINE_enum("task", "retrieval", ["retrieval", "ranking"], "What is trained and scored.")
 flags.DEFINE_float("positive_rating", 4.0, "Ranking: label = rating >= this.")
@@ -242,8 +249,14 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
     ranking = FLAGS.task == "ranking"
     request_form = FLAGS.model in TARGET_ATTENTION
-    if request_form and not ranking:
+    summary_ranker = FLAGS.model == SUMMARY_RANKER
+    if (request_form or summary_ranker) and not ranking:
         raise app.UsageError(f"--model={FLAGS.model} ranks: use it with --task=ranking")
+    if summary_ranker and not FLAGS.from_cache:
+        raise app.UsageError(
+            f"--model={SUMMARY_RANKER} reads summaries: pass --from_cache=DIR (a --task=ranking "
+            "--model=vista_hstu run's --export_cache)"
+        )
     if FLAGS.prefix_len and not (FLAGS.model.startswith("vista") or request_form):
         raise app.UsageError(
             f"--prefix_len is for the VISTA and request-form models; --model={FLAGS.model} "
@@ -279,22 +292,24 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         num_recent=FLAGS.num_recent,
     )
     source = "cached" if FLAGS.from_cache else "live"
-    if request_form:
+    if summary_ranker or request_form:
+        # The summaries read from the cache come from a vista_hstu source run: its shapes.
+        summary_cfg = preset("vista_hstu", splits.num_items, max_len=FLAGS.window, **vista)
         w = FLAGS.ranker_width
         cfg = RankerConfig(
             num_items=splits.num_items, num_categories=event_log.num_categories, d_model=w,
             num_heads=2, num_layers=1, mlp_hidden=2 * w, num_recent=FLAGS.num_recent,
-            summary_dim=0,
+            summary_dim=summary_cfg.d_model if summary_ranker else 0,
         )  # fmt: skip
     else:
-        cfg = preset(
+        cfg = summary_cfg = preset(
             FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
             summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
         )  # fmt: skip
     vista_source = getattr(cfg, "kind", None) == "vista" and source == "live"
     if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
         splits = retrieval_cache.attach(
-            splits, FLAGS.from_cache, *retrieval_cache.summary_shape(cfg)
+            splits, FLAGS.from_cache, *retrieval_cache.summary_shape(summary_cfg)
         )
         splits = dataclasses.replace(splits, **{
             name: {
@@ -304,7 +319,11 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             for name in retrieval_cache.SPLITS
         })  # fmt: skip
     rngs = nnx.Rngs(FLAGS.seed)
-    if request_form:
+    if summary_ranker:
+        model = sequential_ranking.PositionSummaryRanker(
+            Ranker(cfg, rngs), summary_cfg.snapshot_every
+        )
+    elif request_form:
         cls, kwargs = TARGET_ATTENTION[FLAGS.model]
         ranker = cls(cfg, rngs, chunk_size=4096, **kwargs())
         model = sequential_ranking.PositionTargetRanker(ranker)
@@ -428,7 +447,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         "model": FLAGS.model,
         "data": FLAGS.data,
         "seed": FLAGS.seed,
-        "config": dataclasses.asdict(cfg) | flag_values(),
+        "config": vista | dataclasses.asdict(cfg) | flag_values(),
         "num_params": int(num_params),
         "epochs_run": epoch,
         "epoch_seconds": epoch_seconds,
