@@ -94,6 +94,20 @@ def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path)
     assert float(diff) > 0.1 and float(p.rstrip(")")) <= 0.001
 
 
+def test_the_reference_is_the_cache_reader_best_on_validation():
+    def run(model, valid_auc, test_auc):
+        ev = {"valid": {"auc": valid_auc}, "test": {"auc": test_auc}}
+        return {"model": model, "validation_selected": ev}
+
+    groups = {
+        "vista_hstu downstream": [run("vista_hstu", 0.80, 0.79), run("vista_hstu", 0.82, 0.79)],
+        "vista_ranker downstream": [run("vista_ranker", 0.80, 0.85)],  # Best test: not chosen.
+        "full_attention": [run("full_attention", 0.90, 0.90)],  # Not VISTA on the cache.
+    }
+    assert report.reference_group(groups) is groups["vista_hstu downstream"]
+    assert report.reference_group({"hstu": groups["full_attention"]}) is None
+
+
 def test_predictions_of_other_requests_are_not_compared():
     a = {"user": np.array([0, 1]), "event": np.array([1, 1]), "label": np.array([1, 0]),
          "logit": np.array([0.5, 0.1])}  # fmt: skip
