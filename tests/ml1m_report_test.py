@@ -52,10 +52,11 @@ def test_runs_of_very_different_lengths_are_separate_rows(tmp_path):
 
 
 def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
-    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.79}, "valid": {"auc": 0.81}}
+    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.79, "count": 300},
+          "valid": {"auc": 0.81, "count": 100}, "eval_seconds": 2.0}  # fmt: skip
     ranking = _run("hstu", 0, 0.0) | {
         "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,
-        "best_test_oracle": ev,
+        "best_test_oracle": ev, "scored_events": {"train": 6000, "valid": 100, "test": 300},
     }  # fmt: skip
     for i, run in enumerate([_run("hstu", 0, 0.2), ranking]):
         (tmp_path / f"r{i}.json").write_text(json.dumps(run))
@@ -64,6 +65,8 @@ def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
     assert "0.2000" in retrieval_part and "0.8000" not in retrieval_part
     hstu = next(line for line in ranking_part.splitlines() if line.startswith("| hstu |"))
     assert "0.8000 | 0.7900" in hstu and "0.3097" not in hstu
+    # 6,000 training examples per 90 s epoch (the median); 400 requests scored in 2 s.
+    assert "| 67 | 200 |" in hstu
 
 
 def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path):
@@ -71,7 +74,8 @@ def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path)
     n = 4000
     user, event = np.repeat(np.arange(400), 10), np.tile(np.arange(1, 11), 400)
     label = rng.integers(0, 2, n)
-    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.8}, "valid": {"auc": 0.8}}
+    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.8, "count": n},
+          "valid": {"auc": 0.8, "count": n}, "eval_seconds": 1.0}  # fmt: skip
     for name, noise, downstream in (("hstu", 2.0, None), ("vista_hstu", 0.5, "cache")):
         run = _run(name, 0, 0.0) | {
             "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,

@@ -152,6 +152,19 @@ def by_history(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def costs(group: list[dict]) -> list[str]:
+    """[training examples/s, scoring requests/s] of a ranking setting, medians over epochs and
+    evaluations, mean over seeds; examples/s needs the run's `scored_events` (blank before
+    runs recorded it)."""
+    train, score = [], []
+    for r in group:
+        if r.get("scored_events"):
+            train.append(r["scored_events"]["train"] / np.median(r["epoch_seconds"]))
+        requests = [e["valid"]["count"] + e["test"]["count"] for e in r["evals"]]
+        score.append(np.median(np.array(requests) / [e["eval_seconds"] for e in r["evals"]]))
+    return [f"{np.mean(x):,.0f}" if x else "" for x in (train, score)]
+
+
 def reference_group(groups: dict[str, list[dict]]) -> list[dict] | None:
     """The VISTA downstream setting the paired tests compare against: of the settings that
     read the int8 cache, the one with the best mean validation AUC (never chosen on test)."""
@@ -170,7 +183,7 @@ def table(runs: list[dict], task: str = "retrieval") -> str:
     head = ["setting", "seeds", "epochs", "min/epoch"]
     head += [f"{which} {m}" for which in ("valid-selected", "last") for m in shown]
     head += [f"best-test (oracle) {oracle}"]
-    head += ["published hr@10 / ndcg@10"] if task == "retrieval" else []
+    head += ["published hr@10 / ndcg@10"] if task == "retrieval" else ["train ex/s", "score req/s"]
     head += ["Δ AUC of the reference (p)"] if paired else []
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, group in sorted(groups.items()):
@@ -182,6 +195,8 @@ def table(runs: list[dict], task: str = "retrieval") -> str:
         if task == "retrieval":
             published = PUBLISHED.get(group[0]["model"])
             row.append(f"{published[0]} / {published[1]}" if published else "")
+        else:
+            row += costs(group)
         if paired:
             row.append("reference" if group is reference else paired_cell(group, reference))
         lines.append("| " + " | ".join(row) + " |")
