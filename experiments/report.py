@@ -8,6 +8,9 @@ Sources, one setting each:
   filed there by `--add=WORKDIR --setting=NAME` (the seed is read from its provenance);
 * every published sweep point, `experiments/<experiment>/results/sweep_*/points/*.json`: the
   setting is `<experiment> sweep: <swept key>=<value>`.
+* `experiments/<experiment>/results/ranking_summary.json`: runs trained one model and seed
+  per JSON (`experiments.ml1m.train_sequential --task=ranking`), gathered per seed with their
+  paired tests by `python -m experiments.ml1m.report` (run it first).
 
 Per setting and model: mean ± std over seeds of AUC, log loss and NE; on synthetic data the
 normalized AUC, (AUC − .5) / (oracle − .5); the paired test against `vista_downstream`
@@ -35,6 +38,7 @@ from vista_jax.errors import ConfigError
 
 REFERENCE = "vista_downstream"
 SWEEP_POINTS = "experiments/*/results/sweep_*/points/*.json"
+RANKING_SUMMARIES = "experiments/*/results/ranking_summary.json"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 _SETTING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
@@ -76,6 +80,9 @@ def collect(results_dir: pathlib.Path, root: pathlib.Path) -> list[Run]:
     runs = []
     for path in sorted((results_dir / "runs").glob("*/seed*.json")):
         runs.append(from_results(path.parent.name, json.loads(path.read_text()), str(path)))
+    for path in sorted(root.glob(RANKING_SUMMARIES)):
+        summary = json.loads(path.read_text())
+        runs += [from_results(summary["setting"], r, str(path)) for r in summary["runs"]]
     for path in sorted(root.glob(SWEEP_POINTS)):
         experiment = path.parents[3].name  # experiments/<experiment>/results/sweep_*/points
         runs.append(from_sweep_point(json.loads(path.read_text()), experiment, str(path)))
@@ -155,10 +162,12 @@ def summarize(runs: list[Run]) -> dict:
                 + ". Fix: remove one (each seed counts once)"
             )
         oracles = [r.oracle_auc for r in group if r.oracle_auc is not None]
-        names = [m for m in group[0].models if all(m in r.models for r in group)]
+        # Every model of any seed, in first-seen order; each over the seeds that have it.
+        names = list(dict.fromkeys(m for r in group for m in r.models))
         models = {}
         for name in names:
-            rows = [r.models[name] for r in group]
+            having = [r for r in group if name in r.models]
+            rows = [r.models[name] for r in having]
             train = [row.get("train", {}) for row in rows]
             entry = {
                 "auc": [row["auc"] for row in rows],
@@ -170,9 +179,10 @@ def summarize(runs: list[Run]) -> dict:
             }
             if oracles:
                 entry["normalized_auc"] = [
-                    (a - 0.5) / (o - 0.5) for a, o in zip(entry["auc"], oracles, strict=True)
+                    (row["auc"] - 0.5) / (r.oracle_auc - 0.5)
+                    for row, r in zip(rows, having, strict=True)
                 ]
-            tests = [(r.paired or {}).get("models", {}).get(name) for r in group]
+            tests = [(r.paired or {}).get("models", {}).get(name) for r in having]
             if name != REFERENCE and all(tests):
                 entry["diff"] = [t["diff"] for t in tests]
                 entry["p_max"] = max(t["p_value"] for t in tests)
@@ -183,7 +193,7 @@ def summarize(runs: list[Run]) -> dict:
             "seeds": seeds,
             "oracle": mean_std(oracles)[0] if oracles else None,
             "models": models,
-            "commits": sorted({r.commit for r in group}),
+            "commits": sorted({c for r in group for c in r.commit.split(",")}),
             "wall_s": [r.wall_s for r in group],
         }
     return out
@@ -199,12 +209,13 @@ def p_text(m: dict) -> str:
 
 def setting_table(summary: dict) -> str:
     normalized = summary["oracle"] is not None
-    head = ["model", "AUC"] + (["normalized AUC"] if normalized else [])
+    head = ["model", "seeds", "AUC"] + (["normalized AUC"] if normalized else [])
     head += ["log loss", "NE", f"Δ AUC of {REFERENCE} (largest p)", "train ex/s", "score req/s"]
     head += ["epochs"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, m in summary["models"].items():
-        row = [name, cell(m["auc"])] + ([cell(m["normalized_auc"], 3)] if normalized else [])
+        row = [name, str(len(m["auc"])), cell(m["auc"])]
+        row += [cell(m["normalized_auc"], 3)] if normalized else []
         row += [cell(m["logloss"]), cell(m["ne"])]
         if "diff" in m:
             row.append(f"{cell(m['diff'])} ({p_text(m)})")

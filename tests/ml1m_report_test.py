@@ -13,6 +13,7 @@ def _run(model, seed, hr, prefix_len=0):
     return {
         "model": model, "seed": seed, "epochs_run": 4, "epoch_seconds": [60.0, 120.0],
         "config": {"prefix_len": prefix_len, "train_on_valid": False}, "evals": [ev],
+        "git_commit": "abc", "wall_seconds": 60.0,
         "validation_selected": ev, "last": ev, "best_test_oracle": ev,
     }  # fmt: skip
 
@@ -74,7 +75,7 @@ def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path)
     n = 4000
     user, event = np.repeat(np.arange(400), 10), np.tile(np.arange(1, 11), 400)
     label = rng.integers(0, 2, n)
-    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.8, "count": n},
+    ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.8, "logloss": 0.5, "count": n},
           "valid": {"auc": 0.8, "count": n}, "eval_seconds": 1.0}  # fmt: skip
     for name, noise, downstream in (("hstu", 2.0, None), ("vista_hstu", 0.5, "cache")):
         run = _run(name, 0, 0.0) | {
@@ -96,6 +97,14 @@ def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path)
     assert vista.endswith("| reference |")
     diff, p = hstu.split("| ")[-1].rstrip(" |").split(" (p ")
     assert float(diff) > 0.1 and float(p.rstrip(")")) <= 0.001
+    # The same runs and tests, as the long-history report reads them.
+    _, summary = report.build(tmp_path)
+    (entry,) = summary["runs"]
+    assert set(entry["models"]) == {"hstu", "vista_downstream"}
+    assert entry["models"]["hstu"]["requests_per_s"] == pytest.approx(2 * n)
+    assert entry["paired"]["models"]["hstu"]["diff"] == pytest.approx(float(diff), abs=1e-4)
+    assert set(summary["sources"]) == {f"{m}.{e}" for m in ("hstu", "vista_hstu")
+                                       for e in ("json", "test_predictions.npz")}  # fmt: skip
 
 
 def test_the_reference_is_the_cache_reader_best_on_validation():
@@ -117,3 +126,15 @@ def test_predictions_of_other_requests_are_not_compared():
          "logit": np.array([0.5, 0.1])}  # fmt: skip
     with pytest.raises(ValueError, match="different requests"):
         report.aligned(a, a | {"event": np.array([1, 2])})
+
+
+def test_committed_ranking_summary_is_made_from_the_committed_runs():
+    """`ranking_summary.json` (read by experiments.report) names a digest of every ranking run
+    and predictions file: a run filed or changed since needs `python -m experiments.ml1m.report`."""
+    results = report.pathlib.Path(__file__).resolve().parents[1] / "experiments/ml1m/results"
+    summary = json.loads((results / report.RANKING_SUMMARY).read_text())
+    runs = [p for p in sorted(results.glob("*.json")) if p.name != report.RANKING_SUMMARY]
+    ranking = [p for p in runs if json.loads(p.read_text()).get("task") == "ranking"]
+    files = ranking + [p.with_suffix(".test_predictions.npz") for p in ranking]
+    want = {p.name: report.file_digest(p) for p in files if p.is_file()}
+    assert summary["sources"] == want, "rerun: python -m experiments.ml1m.report"

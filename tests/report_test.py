@@ -108,3 +108,18 @@ def test_command_line_files_a_run_and_refuses_a_bad_setting(tmp_path):
     assert (tmp_path / "out/runs/syn/seed4.json").is_file() and "## syn" in ok.stdout
     bad = subprocess.run(cmd + ["--setting=a b"], cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and "usable name" in bad.stderr
+
+
+def test_ranking_summaries_are_settings_and_each_model_counts_its_own_seeds(tmp_path):
+    results = tmp_path / "experiments/ml1m/results"
+    results.mkdir(parents=True)
+    runs = [_results(0, {"vista_downstream": 0.80, "full_attention": 0.79},
+                     {"full_attention": (0.01, 0.3)}, oracle=None),
+            _results(1, {"vista_downstream": 0.82}, oracle=None)]  # fmt: skip
+    summary = {"setting": "ml1m event ranking", "runs": runs}
+    (results / "ranking_summary.json").write_text(json.dumps(summary))
+    text = report.report(tmp_path / "out", tmp_path, None)
+    full = next(line for line in text.splitlines() if line.startswith("| full_attention |"))
+    vista = next(line for line in text.splitlines() if line.startswith("| vista_downstream |"))
+    assert full.startswith("| full_attention | 1 | 0.7900 |") and "0.0100 (0.300)" in full
+    assert vista.startswith("| vista_downstream | 2 | 0.8100 ± 0.0100 |")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import pathlib
 
@@ -22,6 +23,7 @@ from absl import app, flags
 from experiments.report import cell
 from vista_jax import metrics
 
+RANKING_SUMMARY = "ranking_summary.json"  # The ranking runs for `experiments.report`.
 PUBLISHED = {  # meta-recsys/generative-recommenders README, ML-1M, HR@10 / NDCG@10.
     "sasrec": (0.2853, 0.1603),
     "hstu": (0.3097, 0.1720),
@@ -103,20 +105,36 @@ def aligned(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return a["label"][oa].astype(np.float64), a["logit"][oa], b["logit"][ob], a["user"][oa]
 
 
-def paired_cell(group: list[dict], reference: list[dict]) -> str:
-    """Δ AUC of the reference (VISTA) minus this setting, mean over the seeds both have
-    predictions for, and the largest p of a paired bootstrap over users (1,000 resamples)."""
+def paired_tests(groups: dict[str, list[dict]], reference: list[dict]) -> dict:
+    """{(setting, seed): the paired bootstrap over users (1,000 resamples) of the reference's
+    test AUC minus that run's}, for every run with saved predictions and a reference run of
+    its seed; one set of resamples per seed, shared by every setting."""
     refs = {r["seed"]: predictions(r) for r in reference}
-    diffs, ps = [], []
-    for run in group:
-        mine, ref = predictions(run), refs.get(run["seed"])
-        if mine is None or ref is None:
+    tests = {}
+    for seed, ref in sorted(refs.items()):
+        if ref is None:
             continue
-        labels, ref_logit, logit, users = aligned(ref, mine)
-        test = metrics.paired_auc_bootstraps(labels, ref_logit, {"b": logit}, users)["b"]
-        diffs.append(test["diff"])
-        ps.append(test["p_value"])
-    return f"{np.mean(diffs):+.4f} (p {max(ps):.3g})" if diffs else ""
+        others = {}
+        for name, group in groups.items():
+            mine = [predictions(r) for r in group if r["seed"] == seed and group is not reference]
+            if mine and mine[0] is not None:
+                labels, ref_logit, others[name], users = aligned(ref, mine[0])
+        if others:
+            for name, test in metrics.paired_auc_bootstraps(
+                labels, ref_logit, others, users
+            ).items():
+                tests[(name, seed)] = test
+    return tests
+
+
+def paired_cell(name: str, group: list[dict], tests: dict) -> str:
+    """Δ AUC of the reference minus this setting, mean over the seeds with a paired test,
+    and the largest p of those tests."""
+    found = [tests[(name, r["seed"])] for r in group if (name, r["seed"]) in tests]
+    if not found:
+        return ""
+    diff, p = np.mean([t["diff"] for t in found]), max(t["p_value"] for t in found)
+    return f"{diff:+.4f} (p {p:.3g})"
 
 
 HISTORY_BUCKETS = (1, 100, 200, 400, 1000)  # Events before the request: [1, 100), ...
@@ -152,17 +170,22 @@ def by_history(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_costs(run: dict) -> tuple[float | None, float]:
+    """(training examples/s, scoring requests/s) of a ranking run: medians over its epochs and
+    evaluations; examples/s needs its `scored_events` (None before runs recorded them)."""
+    train = None
+    if run.get("scored_events"):
+        train = run["scored_events"]["train"] / float(np.median(run["epoch_seconds"]))
+    requests = [e["valid"]["count"] + e["test"]["count"] for e in run["evals"]]
+    score = float(np.median(np.array(requests) / [e["eval_seconds"] for e in run["evals"]]))
+    return train, score
+
+
 def costs(group: list[dict]) -> list[str]:
-    """[training examples/s, scoring requests/s] of a ranking setting, medians over epochs and
-    evaluations, mean over seeds; examples/s needs the run's `scored_events` (blank before
-    runs recorded it)."""
-    train, score = [], []
-    for r in group:
-        if r.get("scored_events"):
-            train.append(r["scored_events"]["train"] / np.median(r["epoch_seconds"]))
-        requests = [e["valid"]["count"] + e["test"]["count"] for e in r["evals"]]
-        score.append(np.median(np.array(requests) / [e["eval_seconds"] for e in r["evals"]]))
-    return [f"{np.mean(x):,.0f}" if x else "" for x in (train, score)]
+    """The two costs of a setting, each the mean over its seeds ("" where unknown)."""
+    per_run = [run_costs(r) for r in group]
+    columns = ([c[i] for c in per_run if c[i] is not None] for i in (0, 1))
+    return [f"{np.mean(x):,.0f}" if x else "" for x in columns]
 
 
 def reference_group(groups: dict[str, list[dict]]) -> list[dict] | None:
@@ -175,11 +198,12 @@ def reference_group(groups: dict[str, list[dict]]) -> list[dict] | None:
                                                   for r in g]))  # fmt: skip
 
 
-def table(runs: list[dict], task: str = "retrieval") -> str:
+def table(runs: list[dict], task: str = "retrieval", tests: dict | None = None) -> str:
     shown, oracle, _ = TASKS[task]
     groups = grouped(runs)
     reference = reference_group(groups) if task == "ranking" else None
     paired = reference is not None
+    tests = paired_tests(groups, reference) if paired and tests is None else tests
     head = ["setting", "seeds", "epochs", "min/epoch"]
     head += [f"{which} {m}" for which in ("valid-selected", "last") for m in shown]
     head += [f"best-test (oracle) {oracle}"]
@@ -198,9 +222,59 @@ def table(runs: list[dict], task: str = "retrieval") -> str:
         else:
             row += costs(group)
         if paired:
-            row.append("reference" if group is reference else paired_cell(group, reference))
+            row.append("reference" if group is reference else paired_cell(name, group, tests))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def ranking_summary(runs: list[dict], tests: dict) -> dict:
+    """The ranking runs as `experiments.report` reads them: one `results.json`-like entry per
+    seed (models named by setting; the reference is `vista_downstream`, a live VISTA source
+    `vista_source (...)`), the paired tests, and a digest of every file they came from."""
+    groups = grouped(runs)
+    reference = reference_group(groups)
+    short = {}  # setting -> its model name in the long-history tables
+    for name, group in groups.items():
+        if group is reference:
+            short[name] = "vista_downstream"
+        elif group[0]["model"].startswith("vista") and "downstream" not in name:
+            short[name] = f"vista_source ({name})"
+        else:
+            short[name] = name
+    seeds = sorted({r["seed"] for r in runs})
+    entries = []
+    for seed in seeds:
+        named = {short[n]: r for n, g in groups.items() for r in g if r["seed"] == seed}
+        models = {}
+        for name, run in named.items():
+            test = run["validation_selected"]["test"]
+            train_s, score_s = run_costs(run)
+            models[name] = {
+                "auc": test["auc"], "logloss": test["logloss"], "ne": test["ne"],
+                "requests_per_s": score_s,
+                "train": {"epochs": run["validation_selected"]["epoch"],
+                          "examples_per_s": train_s},
+            }  # fmt: skip
+        found = {short[n]: tests[(n, seed)] for n in groups if (n, seed) in tests}
+        commits = sorted({r["git_commit"][:12] for r in named.values()})
+        entries.append({
+            "task": "ranking", "models": models, "oracle_auc": None,
+            "paired": {"reference": "vista_downstream", "models": found} if found else None,
+            "provenance": {"seed": seed, "git_commit": ",".join(commits),
+                           "wall_s": sum(r["wall_seconds"] for r in named.values())},
+        })  # fmt: skip
+    sources = [pathlib.Path(r["_path"]) for r in runs]
+    sources += [p for p in (s.with_suffix(".test_predictions.npz") for s in sources) if p.is_file()]
+    return {
+        "setting": "ml1m event ranking",
+        "note": "generated by python -m experiments.ml1m.report; a seed pairs runs by --seed",
+        "runs": entries,
+        "sources": {p.name: file_digest(p) for p in sorted(sources)},
+    }
+
+
+def file_digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def curves(runs: list[dict], task: str = "retrieval") -> str:
@@ -217,8 +291,15 @@ def curves(runs: list[dict], task: str = "retrieval") -> str:
 
 
 def report(results_dir: pathlib.Path) -> str:
+    return build(results_dir)[0]
+
+
+def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
+    """(RESULTS.md, the ranking summary for `experiments.report` or None without ranking)."""
     runs = [
-        json.loads(p.read_text()) | {"_path": str(p)} for p in sorted(results_dir.glob("*.json"))
+        json.loads(p.read_text()) | {"_path": str(p)}
+        for p in sorted(results_dir.glob("*.json"))
+        if p.name != RANKING_SUMMARY
     ]
     retrieval = [r for r in runs if task_of(r) == "retrieval"]
     ranking = [r for r in runs if task_of(r) == "ranking"]
@@ -241,7 +322,12 @@ def report(results_dir: pathlib.Path) -> str:
         curves(retrieval),
         "",
     ]  # fmt: skip
+    summary = None
     if ranking:
+        groups = grouped(ranking)
+        reference = reference_group(groups)
+        tests = paired_tests(groups, reference) if reference is not None else {}
+        summary = ranking_summary(ranking, tests) if reference is not None else None
         text += [
             "# ML-1M event ranking (`--task=ranking`)",
             "",
@@ -253,7 +339,7 @@ def report(results_dir: pathlib.Path) -> str:
             "(`*.test_predictions.npz`), with a paired bootstrap over users. The reference is",
             "the VISTA setting that reads the int8 cache with the best validation AUC.",
             "",
-            table(ranking, "ranking"),
+            table(ranking, "ranking", tests),
             "",
             "Test AUC by epoch:",
             "",
@@ -269,7 +355,7 @@ def report(results_dir: pathlib.Path) -> str:
                 history,
                 "",
             ]  # fmt: skip
-    return "\n".join(text)
+    return "\n".join(text), summary
 
 
 def define_flags() -> None:
@@ -280,8 +366,10 @@ def define_flags() -> None:
 def main(argv):
     del argv
     directory = pathlib.Path(flags.FLAGS.results_dir)
-    text = report(directory)
+    text, summary = build(directory)
     (directory / "RESULTS.md").write_text(text)
+    if summary is not None:  # Read by `python -m experiments.report` (run it next).
+        (directory / RANKING_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     print(text)
 
 
