@@ -243,8 +243,10 @@ def headline(summaries: dict) -> str:
         o = s["models"][other]
         diff = f"{cell(o['diff'])} ({p_text(o)})" if "diff" in o else "(no paired test)"
         oracle = f"{s['oracle']:.4f}" if s["oracle"] is not None else ""
+        seeds = len(ref["auc"]), len(o["auc"])  # Each model over the seeds it has.
+        seeds = str(seeds[0]) if seeds[0] == seeds[1] else f"{seeds[0]} vs {seeds[1]}"
         lines.append(
-            f"| {setting} | {len(s['seeds'])} | {cell(ref['auc'])} | {other} | "
+            f"| {setting} | {seeds} | {cell(ref['auc'])} | {other} | "
             f"{cell(o['auc'])} | {diff} | {oracle} |"
         )
     return "\n".join(lines)

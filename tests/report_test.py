@@ -123,3 +123,5 @@ def test_ranking_summaries_are_settings_and_each_model_counts_its_own_seeds(tmp_
     vista = next(line for line in text.splitlines() if line.startswith("| vista_downstream |"))
     assert full.startswith("| full_attention | 1 | 0.7900 |") and "0.0100 (0.300)" in full
     assert vista.startswith("| vista_downstream | 2 | 0.8100 ± 0.0100 |")
+    head = next(line for line in text.splitlines() if line.startswith("| ml1m event ranking |"))
+    assert head.startswith("| ml1m event ranking | 2 vs 1 | 0.8100 ± 0.0100 | full_attention |")
