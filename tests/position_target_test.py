@@ -143,15 +143,16 @@ def test_a_position_reads_no_later_event(data):
     assert not np.allclose(got[:, p + 1 :], base[:, p + 1 :])
 
 
-def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data):
+@pytest.mark.parametrize("dim", [6, 0])  # 0: no summaries, the recent-only ranker
+def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, dim):
     """PositionSummaryRanker: position p = `Ranker` on snapshot (p+1)//S's tokens and the
     last R events before the scored event."""
     log, splits = data
-    every, num_seeds, dim, r = 4, 2, 6, 3
+    every, num_seeds, r = 4, 2, 3
     rows = {k: v for k, v in _rows(splits).items() if not k.startswith("prefix")}
     n, j = len(rows["item"]), WINDOW // every + 1
     rng = np.random.default_rng(3)
-    rows["summary_values"] = rng.normal(size=(n, j, num_seeds, dim)).astype(np.float32)
+    rows["summary_values"] = rng.normal(size=(n, j, num_seeds, 6)).astype(np.float32)
     cfg = RankerConfig(
         num_items=NUM_ITEMS, num_categories=log.num_categories, d_model=8, num_heads=2,
         num_layers=2, mlp_hidden=16, num_recent=r, summary_dim=dim,
@@ -175,10 +176,11 @@ def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data):
     batch = {k: jnp.asarray(np.stack(v), jnp.int32) for k, v in requests.items()}
     batch |= {
         "recent_len": jnp.asarray(lengths, jnp.int32),
-        "summary": jnp.asarray(np.stack(summaries)),
-        "summary_mask": jnp.ones(len(lengths), bool),
         "cand_item": jnp.asarray(cand, jnp.int32),
         "cand_category": jnp.asarray(cand_category, jnp.int32),
     }
+    if dim:
+        batch |= {"summary": jnp.asarray(np.stack(summaries)),
+                  "summary_mask": jnp.ones(len(lengths), bool)}  # fmt: skip
     want = np.asarray(ranker(batch)[0][:, 0])
     np.testing.assert_allclose(got[tuple(np.array(where).T)], want, rtol=1e-5, atol=1e-5)

@@ -128,6 +128,7 @@ def test_a_request_form_ranker_scores_the_same_requests(ranking_runs):
         (["--task=ranking", "--model=sim_hard", "--from_cache=/nonexistent"], "VISTA summaries"),
         (["--task=ranking", "--model=sasrec", "--prefix_len=8"], "reads the window only"),
         (["--task=ranking", "--model=vista_ranker"], "pass --from_cache"),
+        (["--model=recent_only"], "--task=ranking"),
     ],
 )
 def test_models_refuse_flags_they_cannot_honour(tmp_path, flags, message):

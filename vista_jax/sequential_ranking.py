@@ -142,7 +142,9 @@ class PositionSummaryRanker(nnx.Module):
     """VISTA's stage 2 (`Ranker`) at every position of cache-fed rows: -> logits [B, L].
 
     Reads `summary_values` [, `summary_scale`] (the row's J snapshots, `retrieval.
-    lifelong_inputs` dequantizes them), the window and the targets; never the prefix.
+    lifelong_inputs` dequantizes them), the window and the targets; never the prefix. A
+    `Ranker` without summaries (`summary_dim` 0) is the recent-only baseline: it reads the
+    last R events alone.
     """
 
     def __init__(self, ranker: nnx.Module, snapshot_every: int):
@@ -151,9 +153,6 @@ class PositionSummaryRanker(nnx.Module):
     def __call__(self, batch, dropout_key=None):
         del dropout_key  # The ranker has no dropout.
         b, length = batch["item"].shape
-        summary_BxJxKxD = lifelong_inputs(batch)["summary_BxJxKxD"]
-        snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every
-        summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]
         recent = position_recent(batch, self.ranker.cfg.num_recent)
         n = b * length
         requests = {
@@ -161,11 +160,15 @@ class PositionSummaryRanker(nnx.Module):
         }
         requests |= {
             "recent_len": jnp.broadcast_to(recent["recent_len"], (b, length)).reshape(n),
-            "summary": summary_BxLxKxD.reshape((n,) + summary_BxLxKxD.shape[2:]),
-            "summary_mask": jnp.ones((n,), bool),
             "cand_item": batch["target"].reshape(n, 1),
             "cand_category": batch["target_category"].reshape(n, 1),
         }
+        if self.ranker.cfg.use_summaries:
+            summary_BxJxKxD = lifelong_inputs(batch)["summary_BxJxKxD"]
+            snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every
+            summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]
+            requests["summary"] = summary_BxLxKxD.reshape((n,) + summary_BxLxKxD.shape[2:])
+            requests["summary_mask"] = jnp.ones((n,), bool)
         logits, _ = self.ranker(requests)
         return logits.reshape(b, length)
 

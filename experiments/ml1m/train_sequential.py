@@ -15,7 +15,8 @@ before it: `full_attention`, `sim_hard`, `twin` (the `--top_k` events of their s
 `--prefix_len` they read as far back as the VISTA retriever summarizes. `vista_ranker` is
 VISTA's stage 2 on the summaries of a `--model=vista_hstu --export_cache` run
 (`--from_cache`, same --prefix_len): each candidate attends to its snapshot's summary tokens
-and the last `--num_recent` events. The retrieval task:
+and the last `--num_recent` events; `recent_only` is the same ranker on those events alone.
+The retrieval task:
 
 Settings follow meta-recsys/generative-recommenders `configs/ml-1m/*-final.gin` (see
 docs/RETRIEVAL_BASELINES.md): d=50, window 200, batch 128, dropout 0.2, sampled softmax with
@@ -69,10 +70,11 @@ TARGET_ATTENTION = {
     "twin": (TwinRanker, lambda: {"top_k": FLAGS.top_k}),
     "recent_attention": (FullTargetAttentionRanker, lambda: {"recent": FLAGS.num_recent}),
 }
-# Ranking only, from a --from_cache of vista_hstu summaries: VISTA's stage 2 (`Ranker`), the
-# candidate attending to [its snapshot's summary tokens; the last --num_recent events].
-SUMMARY_RANKER = "vista_ranker"
-MODELS = ENCODERS + list(TARGET_ATTENTION) + [SUMMARY_RANKER]
+# Ranking only: VISTA's stage 2 (`Ranker`), the candidate attending to [its snapshot's summary
+# tokens (from a --from_cache of vista_hstu summaries); the last --num_recent events], and the
+# same `Ranker` without summaries (recent_only).
+SUMMARY_RANKER, RECENT_ONLY = "vista_ranker", "recent_only"
+MODELS = ENCODERS + list(TARGET_ATTENTION) + [SUMMARY_RANKER, RECENT_ONLY]
 flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset, or a ranking-only ranker.")
 flags.DEFINE_enum("task", "retrieval", ["retrieval", "ranking"], "What is trained and scored.")
 flags.DEFINE_float("positive_rating", 4.0, "Ranking: label = rating >= this.")
@@ -250,7 +252,8 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     ranking = FLAGS.task == "ranking"
     request_form = FLAGS.model in TARGET_ATTENTION
     summary_ranker = FLAGS.model == SUMMARY_RANKER
-    if (request_form or summary_ranker) and not ranking:
+    recent_only = FLAGS.model == RECENT_ONLY
+    if (request_form or summary_ranker or recent_only) and not ranking:
         raise app.UsageError(f"--model={FLAGS.model} ranks: use it with --task=ranking")
     if summary_ranker and not FLAGS.from_cache:
         raise app.UsageError(
@@ -292,7 +295,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         num_recent=FLAGS.num_recent,
     )
     source = "cached" if FLAGS.from_cache else "live"
-    if summary_ranker or request_form:
+    if summary_ranker or request_form or recent_only:
         # The summaries read from the cache come from a vista_hstu source run: its shapes.
         summary_cfg = preset("vista_hstu", splits.num_items, max_len=FLAGS.window, **vista)
         w = FLAGS.ranker_width
@@ -319,7 +322,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             for name in retrieval_cache.SPLITS
         })  # fmt: skip
     rngs = nnx.Rngs(FLAGS.seed)
-    if summary_ranker:
+    if summary_ranker or recent_only:
         model = sequential_ranking.PositionSummaryRanker(
             Ranker(cfg, rngs), summary_cfg.snapshot_every
         )
