@@ -35,6 +35,7 @@ def test_settings_name_what_each_request_form_ranker_reads():
     assert named("twin", top_k=64, prefix_len=1024) == "twin k=64 +lifelong prefix 1024"
     assert named("sim_hard", top_k=16) == "sim_hard k=16"
     assert named("recent_attention", num_recent=64) == "recent_attention R=64"
+    assert named("recent_only", num_recent=64) == "recent_only R=64"
     assert named("full_attention", prefix_len=1024) == "full_attention +lifelong prefix 1024"
     assert named("vista", num_recent=200) == "vista R=200"
     assert named("hstu", num_recent=200) == "hstu"  # Not read by the window encoders.

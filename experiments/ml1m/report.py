@@ -35,7 +35,7 @@ def setting(run: dict) -> str:
     """A run's model and the switches that change what it measures."""
     cfg = run["config"]
     model = name = run["model"]
-    if model == "recent_attention" or (
+    if model in ("recent_attention", "recent_only") or (
         model.startswith("vista") and cfg.get("num_recent", 64) != 64
     ):
         name += f" R={cfg['num_recent']}"
@@ -116,8 +116,8 @@ def paired_tests(groups: dict[str, list[dict]], reference: list[dict]) -> dict:
             continue
         others = {}
         for name, group in groups.items():
-            mine = [predictions(r) for r in group if r["seed"] == seed and group is not reference]
-            if mine and mine[0] is not None:
+            mine = [predictions(r) for r in group if r["seed"] == seed]
+            if group is not reference and mine and mine[0] is not None:
                 labels, ref_logit, others[name], users = aligned(ref, mine[0])
         if others:
             for name, test in metrics.paired_auc_bootstraps(
