@@ -53,6 +53,12 @@ def test_runs_of_very_different_lengths_are_separate_rows(tmp_path):
     assert "0.2500 ± 0.0000" in short and "0.2800" in long
 
 
+def test_ranking_runs_of_other_lengths_stay_one_setting():
+    runs = [_run("hstu", s, 0.0) | {"task": "ranking", "epochs_run": e}
+            for s, e in ((0, 3), (1, 8))]  # fmt: skip
+    assert list(report.grouped(runs)) == ["hstu"]
+
+
 def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
     ev = {"epoch": 1, "test": {"auc": 0.8, "ne": 0.79, "count": 300},
           "valid": {"auc": 0.81, "count": 100}, "eval_seconds": 2.0}  # fmt: skip

@@ -51,13 +51,18 @@ def setting(run: dict) -> str:
 
 
 def grouped(runs: list[dict]) -> dict[str, list[dict]]:
-    """Runs by setting; a setting run for very different lengths (epochs differing by more
-    than a quarter) is split into one group per length, named by its epochs."""
+    """Runs by setting; a retrieval setting run for very different lengths (epochs differing
+    by more than a quarter) is split into one group per length, named by its epochs. Ranking
+    runs are not: each reports the epoch its validation AUC selects (early stopping), and a
+    run stopped once validation fell is the same setting as one run on."""
     by_setting = collections.defaultdict(list)
     for run in runs:
         by_setting[setting(run)].append(run)
     groups = {}
     for name, group in by_setting.items():
+        if task_of(group[0]) == "ranking":
+            groups[name] = group
+            continue
         clusters: list[list[dict]] = []
         for run in sorted(group, key=lambda r: r["epochs_run"]):
             if clusters and run["epochs_run"] <= 1.25 * clusters[-1][0]["epochs_run"]:
