@@ -14,7 +14,7 @@ from vista_jax import pipeline, sharding
 from vista_jax.config import EarlyStoppingConfig, TrainConfig
 from vista_jax.data import datasets
 from vista_jax.data import examples as ex
-from vista_jax.train import BEST_DIR, EarlyStopping, fit, model_dir
+from vista_jax.train import BEST_DIR, EarlyStopping, fit, model_dir, passes_without_gain
 
 
 def _data_cfg(**kw):
@@ -103,6 +103,27 @@ def test_early_stopping_keeps_the_best_and_counts_patience():
     es = EarlyStopping(EarlyStoppingConfig(eval_every=1, patience=1, metric="logloss"))
     assert es.observe(1, {"logloss": 0.5}) and es.observe(2, {"logloss": 0.4})
     assert not es.observe(3, {"logloss": 0.45}) and es.stopped
+
+
+@pytest.mark.parametrize(
+    "values, sign, min_delta, since",
+    [
+        ([], 1.0, 0.0, 0),
+        ([0.6], 1.0, 0.0, 0),
+        ([0.6, 0.7, 0.7], 1.0, 0.0, 1),  # A tie is no gain: the first of tied is the best.
+        ([0.6, 0.7, 0.69, 0.71, 0.70, 0.70], 1.0, 0.0, 2),
+        ([0.6, 0.7, 0.705, 0.709, 0.711], 1.0, 0.01, 0),  # Gains counted from the last gain.
+        ([0.6, 0.7, 0.705, 0.709], 1.0, 0.01, 2),
+        ([0.5, 0.4, 0.45, 0.41], -1.0, 0.0, 2),  # Lower is better (log loss).
+    ],
+)
+def test_passes_without_gain_counts_from_the_best_pass(values, sign, min_delta, since):
+    assert passes_without_gain(values, sign, min_delta) == since
+    es = EarlyStopping(EarlyStoppingConfig(eval_every=1, patience=99, min_delta=min_delta,
+                                           metric="auc" if sign > 0 else "logloss"))  # fmt: skip
+    for step, v in enumerate(values):  # The incremental rule of `fit` is the same rule.
+        es.observe(step, {es.cfg.metric: v})
+    assert es.bad_passes == since
 
 
 class _Scalar(nnx.Module):

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ranking_logs import ranking_log
 
 from vista_jax import sequential_ranking
 from vista_jax.config import RankerConfig
-from vista_jax.data import datasets, eventlog, sequences
 from vista_jax.data.features import gap_buckets
 from vista_jax.models.ranker import Ranker
 from vista_jax.models.sim import SimHardRanker
@@ -32,22 +32,9 @@ RANKERS = {
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    n = sum(LENGTHS)
-    user = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
-    item = rng.integers(1, NUM_ITEMS + 1, n)
-    genre = np.array(["drama", "comedy", "horror", ""])[item % 4]  # "" = unknown category.
-    time = np.concatenate([np.sort(rng.choice(100_000, k, replace=False)) for k in LENGTHS])
-    rating = rng.integers(1, 6, n).astype(float)
-    log = eventlog.from_columns(user=user, item=item, time=time, rating=rating, category=genre)
-    cfg = datasets.DataConfig(
-        kind="table", task="ranking", path="<test>", history_window=WINDOW, num_recent=WINDOW,
-        valid_fraction=0.2, test_fraction=0.2,
-    )  # fmt: skip
-    times = np.split(np.asarray(log.time, np.int64), log.user_offsets[1:-1])
-    bounds = datasets.split_bounds(times, cfg)
-    labels = datasets.event_labels(log, cfg)
-    return log, sequences.event_ranking(log, labels, bounds, WINDOW, PREFIX)
+    categories = ["drama", "comedy", "horror", ""]  # Item i: categories[i % 4]; "" = unknown.
+    log, _, _, rows = ranking_log(LENGTHS, NUM_ITEMS, 100_000, WINDOW, PREFIX, categories)
+    return log, rows
 
 
 def _rows(splits):

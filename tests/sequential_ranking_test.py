@@ -9,9 +9,10 @@ the source on int8 summaries.
 import numpy as np
 import pytest
 from flax import nnx
+from ranking_logs import ranking_log
 
 from vista_jax import retrieval_cache, sequential_ranking
-from vista_jax.data import datasets, eventlog, examples, sequences
+from vista_jax.data import examples, sequences
 from vista_jax.data.features import NUM_ACTIONS
 from vista_jax.errors import DataError
 from vista_jax.models.sequential import build_encoder, preset
@@ -22,24 +23,7 @@ LENGTHS = [1, 2, 5, 8, 9, 23, 40]  # One event only, short, window-sized, lifelo
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    n = sum(LENGTHS)
-    user = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
-    item = rng.integers(1, NUM_ITEMS + 1, n)
-    # Interleaved users, so the global time cutoffs fall at different places for each.
-    time = np.concatenate([np.sort(rng.choice(10_000, k, replace=False)) for k in LENGTHS])
-    rating = rng.integers(1, 6, n).astype(float)
-    log = eventlog.from_columns(user=user, item=item, time=time, rating=rating)
-    cfg = datasets.DataConfig(
-        kind="table", task="ranking", path="<test>", history_window=WINDOW, num_recent=WINDOW,
-        valid_fraction=0.2, test_fraction=0.2,
-    )  # fmt: skip
-    offsets = log.user_offsets
-    times = np.split(np.asarray(log.time, np.int64), offsets[1:-1])
-    bounds = datasets.split_bounds(times, cfg)
-    labels = datasets.event_labels(log, cfg)
-    splits = sequences.event_ranking(log, labels, bounds, WINDOW, PREFIX)
-    return log, labels, bounds, splits
+    return ranking_log(LENGTHS, NUM_ITEMS, 10_000, WINDOW, PREFIX)
 
 
 def test_row_starts_score_every_event_once():

@@ -5,13 +5,16 @@ Each run is a subprocess (the harness is an absl program); small windows keep it
 """
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl.app import UsageError
 from data_env import real_data_dir
 
+from experiments.ml1m import models
 from vista_jax import metrics
 
 SMALL = ["--data=ml-100k", "--model=hstu", "--window=20", "--batch_size=256", "--eval_every=1"]
@@ -122,15 +125,43 @@ def test_a_request_form_ranker_scores_the_same_requests(ranking_runs):
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "model, task, prefix_len, from_cache, export_cache, message",
     [
-        (["--model=full_attention"], "--task=ranking"),
-        (["--task=ranking", "--model=sim_hard", "--from_cache=/nonexistent"], "VISTA summaries"),
-        (["--task=ranking", "--model=sasrec", "--prefix_len=8"], "reads the window only"),
-        (["--task=ranking", "--model=vista_ranker"], "pass --from_cache"),
-        (["--model=recent_only"], "--task=ranking"),
+        ("full_attention", "retrieval", 0, "", "", "--task=ranking"),
+        ("recent_only", "retrieval", 0, "", "", "--task=ranking"),
+        ("sim_hard", "ranking", 0, "/some/cache", "", "VISTA summaries"),
+        ("sasrec", "ranking", 8, "", "", "reads the window only"),
+        ("recent_only", "ranking", 8, "", "", "reads the window only"),
+        ("vista_ranker", "ranking", 1024, "", "", "pass --from_cache"),
+        ("hstu", "ranking", 0, "", "/out", "--export_cache needs a source VISTA model"),
+        ("vista_hstu", "ranking", 0, "/some/cache", "/out", "--export_cache needs a source"),
+        ("vista_ranker", "ranking", 0, "/some/cache", "/out", "--export_cache needs a source"),
     ],
 )
-def test_models_refuse_flags_they_cannot_honour(tmp_path, flags, message):
-    proc = _run(tmp_path, "refused", "--epochs=1", *flags, check=False)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+def test_models_refuse_flags_they_cannot_honour(
+    model, task, prefix_len, from_cache, export_cache, message
+):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        models.check_flags(model, task, prefix_len, from_cache, export_cache)
+
+
+@pytest.mark.parametrize(
+    "model, task, prefix_len, from_cache, export_cache",
+    [
+        ("hstu", "retrieval", 0, "", ""),
+        ("vista_hstu", "ranking", 1024, "", "/out"),  # A source exports.
+        ("vista_hstu", "retrieval", 1024, "/some/cache", ""),  # A downstream reads.
+        ("twin", "ranking", 1024, "", ""),
+        ("vista_ranker", "ranking", 1024, "/some/cache", ""),
+        ("recent_only", "ranking", 0, "", ""),
+    ],
+)
+def test_models_accept_what_they_can_honour(model, task, prefix_len, from_cache, export_cache):
+    models.check_flags(model, task, prefix_len, from_cache, export_cache)
+
+
+def test_the_command_line_refuses_before_reading_any_data(tmp_path):
+    """A refused export used to surface only after training; now nothing runs."""
+    proc = _run(tmp_path, "refused", "--epochs=1", f"--export_cache={tmp_path / 'c'}", check=False)
+    assert proc.returncode != 0 and "--export_cache needs a source" in proc.stderr
+    assert "users" not in proc.stderr and not (tmp_path / "c").exists()  # No data was read.

@@ -128,19 +128,35 @@ class EarlyStopping:
 
     def observe(self, step: int, metrics: dict[str, float]) -> bool:
         """Records a validation pass; True when it is the new best."""
-        value = float(metrics[self.cfg.metric])
-        self.history.append([step, value])
+        self.history.append([step, float(metrics[self.cfg.metric])])
         sign = EARLY_STOPPING_METRICS[self.cfg.metric]
-        best = self.best_metrics.get(self.cfg.metric)
-        if best is None or sign * (value - best) > self.cfg.min_delta:
-            self.best_step, self.best_metrics, self.bad_passes = step, dict(metrics), 0
+        values = [v for _, v in self.history]
+        self.bad_passes = passes_without_gain(values, sign, self.cfg.min_delta)
+        if self.bad_passes == 0:
+            self.best_step, self.best_metrics = step, dict(metrics)
             return True
-        self.bad_passes += 1
         self.stopped = self.bad_passes >= self.cfg.patience
         return False
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "cfg"}
+
+
+def passes_without_gain(values, sign: float = 1.0, min_delta: float = 0.0) -> int:
+    """Validation passes since the best one, the rule of every early stop in the project.
+
+    A pass is a gain when `sign * (value - best) > min_delta`, best being the last gain
+    before it (the first pass always is): ties and improvements within `min_delta` are not
+    gains, so of tied passes the first is the selected one. Training stops once this reaches
+    the patience.
+    """
+    best, since = None, 0
+    for value in values:
+        if best is None or sign * (value - best) > min_delta:
+            best, since = value, 0
+        else:
+            since += 1
+    return since
 
 
 def model_dir(workdir) -> pathlib.Path:

@@ -145,9 +145,9 @@ def paired_cell(name: str, group: list[dict], tests: dict) -> str:
 HISTORY_BUCKETS = (1, 100, 200, 400, 1000)  # Events before the request: [1, 100), ...
 
 
-def by_history(runs: list[dict]) -> str:
-    """Test AUC of each ranking setting per bucket of the request's history length (its
-    event index), mean over the seeds with saved predictions."""
+def by_history(groups: dict[str, list[dict]]) -> str:
+    """Test AUC of each ranking setting (`grouped`) per bucket of the request's history
+    length (its event index), mean over the seeds with saved predictions."""
     edges = HISTORY_BUCKETS + (np.inf,)
     names = [
         f"{lo}-{hi - 1}" if hi < np.inf else f">= {lo}"
@@ -155,7 +155,7 @@ def by_history(runs: list[dict]) -> str:
     ]
     lines = ["| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     shares = None
-    for name, group in sorted(grouped(runs).items()):
+    for name, group in sorted(groups.items()):
         per_seed = []
         for run in group:
             preds = predictions(run)
@@ -203,12 +203,15 @@ def reference_group(groups: dict[str, list[dict]]) -> list[dict] | None:
                                                   for r in g]))  # fmt: skip
 
 
-def table(runs: list[dict], task: str = "retrieval", tests: dict | None = None) -> str:
+def table(
+    groups: dict[str, list[dict]],
+    task: str = "retrieval",
+    reference: list[dict] | None = None,
+    tests: dict | None = None,
+) -> str:
+    """One row per setting (`grouped`); with a reference (ranking), its paired tests."""
     shown, oracle, _ = TASKS[task]
-    groups = grouped(runs)
-    reference = reference_group(groups) if task == "ranking" else None
     paired = reference is not None
-    tests = paired_tests(groups, reference) if paired and tests is None else tests
     head = ["setting", "seeds", "epochs", "min/epoch"]
     head += [f"{which} {m}" for which in ("valid-selected", "last") for m in shown]
     head += [f"best-test (oracle) {oracle}"]
@@ -232,12 +235,12 @@ def table(runs: list[dict], task: str = "retrieval", tests: dict | None = None) 
     return "\n".join(lines)
 
 
-def ranking_summary(runs: list[dict], tests: dict) -> dict:
-    """The ranking runs as `experiments.report` reads them: one `results.json`-like entry per
-    seed (models named by setting; the reference is `vista_downstream`, a live VISTA source
-    `vista_source (...)`), the paired tests, and a digest of every file they came from."""
-    groups = grouped(runs)
-    reference = reference_group(groups)
+def ranking_summary(groups: dict[str, list[dict]], reference: list[dict], tests: dict) -> dict:
+    """The ranking runs (`grouped`) as `experiments.report` reads them: one `results.json`-like
+    entry per seed (models named by setting; the reference is `vista_downstream`, a live VISTA
+    source `vista_source (...)`), the paired tests, and a digest of every file they came
+    from."""
+    runs = [r for group in groups.values() for r in group]
     short = {}  # setting -> its model name in the long-history tables
     for name, group in groups.items():
         if group is reference:
@@ -282,12 +285,13 @@ def file_digest(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def curves(runs: list[dict], task: str = "retrieval") -> str:
+def curves(groups: dict[str, list[dict]], task: str = "retrieval") -> str:
     _, metric, curve_epochs = TASKS[task]
+    runs = [r for group in groups.values() for r in group]
     epochs = [e for e in curve_epochs if any(r["epochs_run"] >= e for r in runs)]
     lines = ["| setting | seed | " + " | ".join(f"ep {e}" for e in epochs) + " |"]
     lines.append("|---" * (len(epochs) + 2) + "|")
-    for name, group in sorted(grouped(runs).items()):
+    for name, group in sorted(groups.items()):
         for run in sorted(group, key=lambda r: r["seed"]):
             by_epoch = {e["epoch"]: e["test"][metric] for e in run["evals"]}
             cells = [f"{by_epoch[e]:.4f}" if e in by_epoch else "" for e in epochs]
@@ -306,8 +310,8 @@ def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
         for p in sorted(results_dir.glob("*.json"))
         if p.name != RANKING_SUMMARY
     ]
-    retrieval = [r for r in runs if task_of(r) == "retrieval"]
-    ranking = [r for r in runs if task_of(r) == "ranking"]
+    retrieval = grouped([r for r in runs if task_of(r) == "retrieval"])
+    ranking = grouped([r for r in runs if task_of(r) == "ranking"])
     text = [
         "# ML-1M retrieval (HSTU leave-one-out protocol)",
         "",
@@ -329,10 +333,9 @@ def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
     ]  # fmt: skip
     summary = None
     if ranking:
-        groups = grouped(ranking)
-        reference = reference_group(groups)
-        tests = paired_tests(groups, reference) if reference is not None else {}
-        summary = ranking_summary(ranking, tests) if reference is not None else None
+        reference = reference_group(ranking)
+        tests = paired_tests(ranking, reference) if reference is not None else {}
+        summary = ranking_summary(ranking, reference, tests) if reference is not None else None
         text += [
             "# ML-1M event ranking (`--task=ranking`)",
             "",
@@ -346,7 +349,7 @@ def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
             "(training examples/s, scoring requests/s; min/epoch) are medians on a shared 2-core",
             "CPU, often with another run beside: compare orders of magnitude, not percents.",
             "",
-            table(ranking, "ranking", tests),
+            table(ranking, "ranking", reference, tests),
             "",
             "Test AUC by epoch:",
             "",

@@ -42,6 +42,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments.ml1m import models
 from vista_jax import (
     checkpoints,
     fingerprints,
@@ -49,6 +50,7 @@ from vista_jax import (
     retrieval,
     retrieval_cache,
     sequential_ranking,
+    train,
 )
 from vista_jax.config import RankerConfig
 from vista_jax.data import datasets, sequences
@@ -56,26 +58,9 @@ from vista_jax.data.features import NUM_ACTIONS
 from vista_jax.data.loaders import load_event_log
 from vista_jax.models.ranker import Ranker
 from vista_jax.models.sequential import build_encoder, preset
-from vista_jax.models.sim import SimHardRanker
-from vista_jax.models.target_attention import FullTargetAttentionRanker
-from vista_jax.models.twin import TwinRanker
 
 FLAGS = flags.FLAGS
-ENCODERS = ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"]
-# Ranking only: the request-form rankers of the long-history comparison (name -> class, its
-# reading of the flags), scored at every position (`sequential_ranking.PositionTargetRanker`).
-TARGET_ATTENTION = {
-    "full_attention": (FullTargetAttentionRanker, lambda: {}),
-    "sim_hard": (SimHardRanker, lambda: {"top_k": FLAGS.top_k}),
-    "twin": (TwinRanker, lambda: {"top_k": FLAGS.top_k}),
-    "recent_attention": (FullTargetAttentionRanker, lambda: {"recent": FLAGS.num_recent}),
-}
-# Ranking only: VISTA's stage 2 (`Ranker`), the candidate attending to [its snapshot's summary
-# tokens (from a --from_cache of vista_hstu summaries); the last --num_recent events], and the
-# same `Ranker` without summaries (recent_only).
-SUMMARY_RANKER, RECENT_ONLY = "vista_ranker", "recent_only"
-MODELS = ENCODERS + list(TARGET_ATTENTION) + [SUMMARY_RANKER, RECENT_ONLY]
-flags.DEFINE_enum("model", "sasrec", MODELS, "Encoder preset, or a ranking-only ranker.")
+flags.DEFINE_enum("model", "sasrec", models.MODELS, "Encoder preset, or a ranking-only ranker.")
 flags.DEFINE_enum("task", "retrieval", ["retrieval", "ranking"], "What is trained and scored.")
 flags.DEFINE_float("positive_rating", 4.0, "Ranking: label = rating >= this.")
 flags.DEFINE_enum("data", "ml-1m", ["ml-1m", "ml-100k"], "Dataset.")
@@ -83,6 +68,12 @@ flags.DEFINE_string("data_dir", os.environ.get("VISTA_DATA_DIR", ""), "Data root
 flags.DEFINE_integer("epochs", 10, "Training epochs (one row per user per epoch).")
 flags.DEFINE_integer("eval_every", 1, "Evaluate valid and test every K epochs (and at the end).")
 flags.DEFINE_float("time_budget_min", 0.0, "Stop after the epoch that passes this (0 = off).")
+flags.DEFINE_integer(
+    "patience",
+    0,
+    "Early stopping: stop once this many evaluations in a row bring no gain on the validation "
+    "criterion (`vista_jax.train.passes_without_gain`; 0 = run all --epochs).",
+)
 flags.DEFINE_integer("seed", 0, "Model init, shuffling, dropout and negatives.")
 flags.DEFINE_string("out", "", "Result JSON path.")
 flags.DEFINE_integer("batch_size", 128, "Users per step.")
@@ -123,6 +114,7 @@ flags.DEFINE_string(
 )
 
 KS = (10, 50, 200)
+RESUMABLE_CHANGES = ("epochs", "time_budget_min", "patience")
 SELECTED_PREDICTIONS = "selected_test_predictions.npz"
 
 
@@ -247,29 +239,14 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     start = session_start = time.time()
     commit = fingerprints.git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
+    models.check_flags(
+        FLAGS.model, FLAGS.task, FLAGS.prefix_len, FLAGS.from_cache, FLAGS.export_cache
+    )
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
     ranking = FLAGS.task == "ranking"
-    request_form = FLAGS.model in TARGET_ATTENTION
-    summary_ranker = FLAGS.model == SUMMARY_RANKER
-    recent_only = FLAGS.model == RECENT_ONLY
-    if (request_form or summary_ranker or recent_only) and not ranking:
-        raise app.UsageError(f"--model={FLAGS.model} ranks: use it with --task=ranking")
-    if summary_ranker and not FLAGS.from_cache:
-        raise app.UsageError(
-            f"--model={SUMMARY_RANKER} reads summaries: pass --from_cache=DIR (a --task=ranking "
-            "--model=vista_hstu run's --export_cache)"
-        )
-    if FLAGS.prefix_len and not (FLAGS.model.startswith("vista") or request_form):
-        raise app.UsageError(
-            f"--prefix_len is for the VISTA and request-form models; --model={FLAGS.model} "
-            "reads the window only"
-        )
-    if FLAGS.from_cache and not FLAGS.model.startswith("vista"):
-        raise app.UsageError(
-            f"--from_cache holds VISTA summaries; --model={FLAGS.model} reads none. Fix: "
-            "use --model=vista or vista_hstu (the settings of the run that exported it)"
-        )
+    can = models.CAPABILITIES[FLAGS.model]
+    request_form, uses_ranker = can.family == "request", can.family == "ranker"
     scored = None  # Ranking: the requests of each split (for examples/s beside the AUC).
     if ranking:
         splits = ranking_splits(event_log)
@@ -295,21 +272,21 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         num_recent=FLAGS.num_recent,
     )
     source = "cached" if FLAGS.from_cache else "live"
-    if summary_ranker or request_form or recent_only:
+    if uses_ranker or request_form:
         # The summaries read from the cache come from a vista_hstu source run: its shapes.
         summary_cfg = preset("vista_hstu", splits.num_items, max_len=FLAGS.window, **vista)
         w = FLAGS.ranker_width
         cfg = RankerConfig(
             num_items=splits.num_items, num_categories=event_log.num_categories, d_model=w,
             num_heads=2, num_layers=1, mlp_hidden=2 * w, num_recent=FLAGS.num_recent,
-            summary_dim=summary_cfg.d_model if summary_ranker else 0,
+            summary_dim=summary_cfg.d_model if can.cache == "required" else 0,
         )  # fmt: skip
     else:
         cfg = summary_cfg = preset(
             FLAGS.model, splits.num_items, max_len=FLAGS.window, query_time=FLAGS.query_time,
             summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
         )  # fmt: skip
-    vista_source = getattr(cfg, "kind", None) == "vista" and source == "live"
+    vista_source = can.cache == "either" and source == "live"
     if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
         splits = retrieval_cache.attach(
             splits, FLAGS.from_cache, *retrieval_cache.summary_shape(summary_cfg)
@@ -322,13 +299,13 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             for name in retrieval_cache.SPLITS
         })  # fmt: skip
     rngs = nnx.Rngs(FLAGS.seed)
-    if summary_ranker or recent_only:
+    if uses_ranker:
         model = sequential_ranking.PositionSummaryRanker(
             Ranker(cfg, rngs), summary_cfg.snapshot_every
         )
     elif request_form:
-        cls, kwargs = TARGET_ATTENTION[FLAGS.model]
-        ranker = cls(cfg, rngs, chunk_size=4096, **kwargs())
+        cls, kwargs = models.TARGET_ATTENTION[FLAGS.model]
+        ranker = cls(cfg, rngs, chunk_size=4096, **kwargs(FLAGS))
         model = sequential_ranking.PositionTargetRanker(ranker)
     else:
         encoder = build_encoder(cfg, rngs)
@@ -355,6 +332,12 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     make_score_fn = sequential_ranking.make_logits_fn if ranking else retrieval.make_score_fn
     score_fn = jax.jit(make_score_fn(graphdef))
     evaluate_split = evaluate_ranking if ranking else evaluate
+    criterion = "auc" if ranking else "ndcg@10"  # Validation selects the epoch by it.
+
+    def patience_spent(evals) -> bool:
+        values = [r["valid"][criterion] for r in evals]
+        return train.passes_without_gain(values) >= FLAGS.patience
+
     int8_score_fn = None
     if vista_source:  # Stage 2 on int8 summaries, as from a cache.
         quantized = nnx.merge(graphdef, state.params)
@@ -365,8 +348,8 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     batch_positions = FLAGS.batch_size * FLAGS.window
     # ==== loop ================================================================================
     evals, epoch_seconds, epoch, first = [], [], 0, 1
-    # --epochs and --time_budget_min may change between sessions; nothing else may.
-    same = {k: v for k, v in flag_values().items() if k not in ("epochs", "time_budget_min")}
+    # --epochs, --time_budget_min and --patience may change between sessions; nothing else may.
+    same = {k: v for k, v in flag_values().items() if k not in RESUMABLE_CHANGES}
     progress = Progress(FLAGS.resume_dir, {"model": FLAGS.model, "seed": FLAGS.seed} | vista | same)
     state, record = progress.restore(state, rng)
     if record is not None:
@@ -380,7 +363,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     )
     has_file = selected_file is not None and selected_file.is_file()
     selected_preds = dict(np.load(selected_file)) if has_file else None
-    epoch = first - 1
+    epoch, stopped = first - 1, "epochs"
+    if FLAGS.patience and patience_spent(evals):  # A resumed run that had stopped stays so.
+        log(f"no validation gain in {FLAGS.patience} evaluations before epoch {first}")
+        first, stopped = FLAGS.epochs + 1, "patience"
     for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
         for batch in sequences.train_batches(splits.train, FLAGS.batch_size, rng):
@@ -423,14 +409,17 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             log_eval(row)
             record = {"epoch": epoch, "evals": evals, "epoch_seconds": epoch_seconds}
             progress.save(graphdef, state, rng, record | {"wall_seconds": time.time() - start})
+        if FLAGS.patience and patience_spent(evals):
+            log(f"no validation gain in {FLAGS.patience} evaluations: stopped after epoch {epoch}")
+            stopped = "patience"
+            break
         if over_budget:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
+            stopped = "time budget"
             break
     # ==== cache export ========================================================================
     exported = None
-    if FLAGS.export_cache:
-        if not vista_source:
-            raise app.UsageError("--export_cache needs a source VISTA model (--model=vista*)")
+    if FLAGS.export_cache:  # (check_flags refused it for any model but a VISTA source.)
         t2 = time.time()
         trained = nnx.merge(graphdef, state.params)
         manifest = retrieval_cache.export(
@@ -442,7 +431,6 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
                     "seconds": time.time() - t2}  # fmt: skip
         log(f"exported summaries of {manifest['num_rows']} rows as {exported}")
     # ==== summary =============================================================================
-    criterion = "auc" if ranking else "ndcg@10"
     selected = max(evals, key=lambda r: r["valid"][criterion])
     best_test = max(evals, key=lambda r: r["test"][criterion])
     return {
@@ -453,6 +441,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         "config": vista | dataclasses.asdict(cfg) | flag_values(),
         "num_params": int(num_params),
         "epochs_run": epoch,
+        "stopped_by": stopped,
         "epoch_seconds": epoch_seconds,
         "evals": evals,
         "validation_selected": {"criterion": f"valid {criterion}"} | selected,
@@ -486,7 +475,8 @@ def ranking_splits(event_log) -> sequences.SequenceSplits:
 
 def flag_values() -> dict:
     names = (
-        "task positive_rating epochs eval_every time_budget_min batch_size window num_negatives "
+        "task positive_rating epochs eval_every time_budget_min patience batch_size window "
+        "num_negatives "
         "temperature learning_rate weight_decay train_on_valid sampling eval_batch_size "
         "prefix_len from_cache top_k ranker_width"
     ).split()
