@@ -77,6 +77,27 @@ def test_ranking_runs_get_their_own_table_by_auc(tmp_path):
     assert "| 67 | 200 |" in hstu
 
 
+def test_a_cache_ablation_gets_one_row_per_cache(tmp_path):
+    ev = {"epoch": 2, "test": {"auc": 0.8, "ne": 0.79, "count": 300},
+          "valid": {"auc": 0.81, "count": 100}, "eval_seconds": 2.0}  # fmt: skip
+    paired = {"diff": -0.0004, "p_value": 0.5}
+    ablation = {"epoch": 2, "reference": "/c/int8", "caches": {
+        "/c/int8": {"quantization": "int8", "auc": 0.8, "ne": 0.79},
+        "/c/f32": {"quantization": "none", "auc": 0.8004, "ne": 0.789, "paired": paired},
+    }}  # fmt: skip
+    run = _run("vista_ranker", 1, 0.0) | {
+        "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,
+        "best_test_oracle": ev, "cache_ablation": ablation,
+    }  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    lines = report.report(tmp_path).splitlines()
+    rows = [line for line in lines if line.startswith("| vista_ranker | 1 | 2 |")]
+    assert rows == [
+        "| vista_ranker | 1 | 2 | int8 | 0.8000 | 0.7900 | reference |",
+        "| vista_ranker | 1 | 2 | float32 | 0.8004 | 0.7890 | -0.0004 (p 0.5) |",
+    ]
+
+
 def test_ranking_rows_carry_a_paired_test_against_the_vista_downstream(tmp_path):
     rng = np.random.default_rng(0)
     n = 4000

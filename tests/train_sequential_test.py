@@ -165,3 +165,26 @@ def test_the_command_line_refuses_before_reading_any_data(tmp_path):
     proc = _run(tmp_path, "refused", "--epochs=1", f"--export_cache={tmp_path / 'c'}", check=False)
     assert proc.returncode != 0 and "--export_cache needs a source" in proc.stderr
     assert "users" not in proc.stderr and not (tmp_path / "c").exists()  # No data was read.
+
+
+def test_a_cache_ablation_scores_one_checkpoint_on_each_cache(tmp_path):
+    """A source exports its summaries int8 and (resumed, without training) float32; VISTA's
+    stage 2 trained on the int8 cache is scored on both and on the int8 cache again."""
+    vista = ["--task=ranking", "--snapshot_every=5", "--num_seeds=4", "--num_recent=8",
+             "--prefix_len=10", "--epochs=1"]  # fmt: skip
+    int8, f32 = tmp_path / "int8", tmp_path / "f32"
+    source = [*vista, "--model=vista_hstu", f"--resume_dir={tmp_path / 'source'}"]
+    _run(tmp_path, "source", *source, f"--export_cache={int8}")
+    _, log = _run(tmp_path, "again", *source, f"--export_cache={f32}", "--cache_precision=none")
+    assert "resumed after epoch 1" in log and "epoch 1: loss" not in log  # Not retrained.
+    r, _ = _run(tmp_path, "ranker", *vista, "--model=vista_ranker", f"--from_cache={int8}",
+                f"--score_caches={f32},{int8}")  # fmt: skip
+    ablation = r["cache_ablation"]
+    assert ablation["epoch"] == 1 and ablation["reference"] == str(int8)
+    caches = ablation["caches"]
+    assert [caches[str(c)]["quantization"] for c in (int8, f32)] == ["int8", "none"]
+    assert caches[str(int8)]["auc"] == pytest.approx(r["last"]["test"]["auc"], abs=1e-9)
+    assert caches[str(int8)]["paired"]["diff"] == 0.0  # The reference against itself.
+    # int8 keeps the scoring close to float32 (one scale per token).
+    assert caches[str(f32)]["auc"] == pytest.approx(caches[str(int8)]["auc"], abs=0.01)
+    assert caches[str(f32)]["count"] == caches[str(int8)]["count"]

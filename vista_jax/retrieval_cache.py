@@ -76,10 +76,12 @@ def export(
     step: int,
     source: dict,
     batch_size: int = 256,
+    quantization: str = "int8",
 ) -> dict:
     """Writes every split row's snapshot summaries as one store version; returns its manifest.
 
-    `source` (e.g. the source run's model, flags and commit) is stored as lineage.
+    `source` (e.g. the source run's model, flags and commit) is stored as lineage;
+    `quantization` is the store's ("int8", "bf16" or "none": float32 as computed).
     """
     fp = fingerprint(splits, *summary_shape(model.cfg))
     num_rows = sum(fp["rows"].values())
@@ -91,6 +93,7 @@ def export(
         config_hash=fingerprints.config_hash(fp),
         summarizer_step=step,
         coverage_info={"fingerprint": fp, "source": source},
+        quantization=quantization,
     )
 
 
@@ -131,6 +134,19 @@ def attach(
             out[name]["summary_scale"] = read.scale.reshape(n, num_snapshots, k)
         offset += n
     return dataclasses.replace(splits, **out)
+
+
+def without_prefix(splits: sequences.SequenceSplits) -> sequences.SequenceSplits:
+    """`splits` without the events before each window: a cache reader never reads them."""
+    return dataclasses.replace(splits, **{
+        name: {k: v for k, v in getattr(splits, name).items() if not k.startswith("prefix")}
+        for name in SPLITS
+    })  # fmt: skip
+
+
+def quantization(root, version=None) -> str:
+    """How a cache version stores its summaries ("int8", "bf16" or "none")."""
+    return SummaryStore.open(root, version=version).manifest["quantization"]
 
 
 def summary_shape(cfg) -> tuple[int, int, int]:

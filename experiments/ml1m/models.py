@@ -62,7 +62,14 @@ CAPABILITIES = {
 MODELS = list(CAPABILITIES)
 
 
-def check_flags(model: str, task: str, prefix_len: int, from_cache: str, export_cache: str):
+def check_flags(
+    model: str,
+    task: str,
+    prefix_len: int,
+    from_cache: str,
+    export_cache: str,
+    score_caches: list[str] = (),
+):
     """Refuses (app.UsageError, naming the fix) flags `model` cannot honour."""
     can = CAPABILITIES[model]
     if can.ranking_only and task != "ranking":
@@ -88,4 +95,10 @@ def check_flags(model: str, task: str, prefix_len: int, from_cache: str, export_
             f"--export_cache needs a source VISTA model (--model=vista or vista_hstu without "
             f"--from_cache); --model={model}{' --from_cache' if from_cache else ''} has no "
             "summarizer of its own"
+        )
+    if score_caches and not (from_cache and task == "ranking"):
+        raise app.UsageError(
+            "--score_caches scores a ranking model that reads --from_cache on other caches; "
+            f"--model={model} --task={task}{' --from_cache' if from_cache else ''} does not. "
+            "Fix: add --from_cache=DIR (and --task=ranking) or drop --score_caches"
         )

@@ -175,6 +175,33 @@ def by_history(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def cache_ablations(groups: dict[str, list[dict]]) -> str:
+    """The runs scored on other caches (`--score_caches`): per seed, the test AUC of one
+    checkpoint on each cache's summaries and the reference cache's AUC minus it (paired)."""
+    lines = []
+    for name, group in sorted(groups.items()):
+        for run in sorted(group, key=lambda r: r["seed"]):
+            ablation = run.get("cache_ablation")
+            if not ablation:
+                continue
+            for root, entry in ablation["caches"].items():
+                paired = entry.get("paired")
+                diff = (
+                    "reference"
+                    if root == ablation["reference"]
+                    else (f"{paired['diff']:+.4f} (p {paired['p_value']:.3g})" if paired else "")
+                )
+                stored = {"none": "float32"}.get(entry["quantization"], entry["quantization"])
+                lines.append(f"| {name} | {run['seed']} | {ablation['epoch']} | {stored} | "
+                             f"{entry['auc']:.4f} | {entry['ne']:.4f} | {diff} |")  # fmt: skip
+    if not lines:
+        return ""
+    head = (
+        "| setting | seed | epoch | summaries stored as | test AUC | NE | Δ AUC of the reference |"
+    )
+    return "\n".join([head, "|---" * 7 + "|", *lines])
+
+
 def run_costs(run: dict) -> tuple[float | None, float]:
     """(training examples/s, scoring requests/s) of a ranking run: medians over its epochs and
     evaluations; examples/s needs its `scored_events` (None before runs recorded them)."""
@@ -356,6 +383,17 @@ def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
             curves(ranking, "ranking"),
             "",
         ]  # fmt: skip
+        ablations = cache_ablations(ranking)
+        if ablations:
+            text += [
+                "Cache precision (`--score_caches`): one trained checkpoint (its last epoch)",
+                "scored on the same source's summaries stored int8 (one scale per token), bf16",
+                "and float32; only the stored summaries differ. Δ: the reference cache's test AUC",
+                "minus that cache's, paired bootstrap over users.",
+                "",
+                ablations,
+                "",
+            ]  # fmt: skip
         history = by_history(ranking)
         if history:
             text += [

@@ -106,6 +106,17 @@ flags.DEFINE_string(
     "VISTA: train a downstream retriever that reads the summaries from this cache (written "
     "by a source run's --export_cache; same data, window, prefix and VISTA flags).",
 )
+flags.DEFINE_enum(
+    "cache_precision", "int8", ["int8", "bf16", "none"],
+    "How --export_cache stores the summaries (none = float32 as computed).",
+)  # fmt: skip
+flags.DEFINE_list(
+    "score_caches",
+    [],
+    "Models that read --from_cache: after training, also score the test split on these "
+    "caches' summaries (same rows and shapes, e.g. the source exported at another "
+    "--cache_precision), paired against --from_cache (the cache ablation in the result).",
+)
 flags.DEFINE_string(
     "resume_dir",
     "",
@@ -240,8 +251,9 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     commit = fingerprints.git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
     models.check_flags(
-        FLAGS.model, FLAGS.task, FLAGS.prefix_len, FLAGS.from_cache, FLAGS.export_cache
-    )
+        FLAGS.model, FLAGS.task, FLAGS.prefix_len, FLAGS.from_cache, FLAGS.export_cache,
+        FLAGS.score_caches,
+    )  # fmt: skip
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
     ranking = FLAGS.task == "ranking"
@@ -287,17 +299,11 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             summary_source=source, num_actions=NUM_ACTIONS if ranking else 0, **vista,
         )  # fmt: skip
     vista_source = can.cache == "either" and source == "live"
+    uncached = splits
     if FLAGS.from_cache:  # The downstream reads summaries, never the events before its window.
-        splits = retrieval_cache.attach(
-            splits, FLAGS.from_cache, *retrieval_cache.summary_shape(summary_cfg)
-        )
-        splits = dataclasses.replace(splits, **{
-            name: {
-                k: v for k, v in getattr(splits, name).items()
-                if not k.startswith("prefix")
-            }
-            for name in retrieval_cache.SPLITS
-        })  # fmt: skip
+        shape = retrieval_cache.summary_shape(summary_cfg)
+        splits = retrieval_cache.attach(splits, FLAGS.from_cache, *shape)
+        splits = retrieval_cache.without_prefix(splits)
     rngs = nnx.Rngs(FLAGS.seed)
     if uses_ranker:
         model = sequential_ranking.PositionSummaryRanker(
@@ -417,6 +423,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
             stopped = "time budget"
             break
+    # ==== cache ablation: the trained model on other caches' summaries ========================
+    ablation = None
+    if FLAGS.score_caches:
+        ablation = cache_ablation(score_fn, state.params, uncached, summary_cfg, epoch)
     # ==== cache export ========================================================================
     exported = None
     if FLAGS.export_cache:  # (check_flags refused it for any model but a VISTA source.)
@@ -426,8 +436,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             trained.encoder if ranking else trained, splits, FLAGS.export_cache,
             version=f"{FLAGS.model}-seed{FLAGS.seed}-epoch{epoch}", step=int(state.step),
             source={"model": FLAGS.model, "epoch": epoch, "commit": commit} | flag_values(),
+            quantization=FLAGS.cache_precision,
         )  # fmt: skip
         exported = {"root": FLAGS.export_cache, "version": manifest["version"],
+                    "quantization": FLAGS.cache_precision,
                     "seconds": time.time() - t2}  # fmt: skip
         log(f"exported summaries of {manifest['num_rows']} rows as {exported}")
     # ==== summary =============================================================================
@@ -452,10 +464,45 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         "wall_seconds": time.time() - start,
         "compiled_capacities": sorted(steps),
         "summary_cache": {"read_from": FLAGS.from_cache or None, "exported": exported},
+        "cache_ablation": ablation,
         "git_commit": commit,
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
     }, selected_preds
+
+
+def cache_ablation(score_fn, params, splits, summary_cfg, epoch: int) -> dict:
+    """The trained model's test metrics reading the summaries of --from_cache and of each
+    --score_caches version (same rows and shapes: e.g. one source's summaries stored int8, bf16
+    and float32), each paired against --from_cache by a bootstrap over users: the same
+    checkpoint, only the summaries differ."""
+    shape = retrieval_cache.summary_shape(summary_cfg)
+    preds = {}
+    for root in [FLAGS.from_cache, *FLAGS.score_caches]:
+        cached = retrieval_cache.without_prefix(retrieval_cache.attach(splits, root, *shape))
+        preds[root] = ranking_predictions(score_fn, params, cached.test, FLAGS.eval_batch_size)
+        log(f"cache ablation: {root} scored")
+    ref = preds[FLAGS.from_cache]
+    label = ref["label"].astype(np.float64)
+    for p in preds.values():  # Same requests in the same order: same rows, same batches.
+        if not (
+            np.array_equal(p["user"], ref["user"]) and np.array_equal(p["event"], ref["event"])
+        ):
+            raise ValueError("the caches' test predictions are for different requests")
+    others = {root: preds[root]["logit"] for root in FLAGS.score_caches}
+    paired = metrics.paired_auc_bootstraps(label, ref["logit"], others, ref["user"])
+    return {
+        "epoch": epoch,
+        "note": "one checkpoint (the last epoch) scored on each cache's test summaries; diff = "
+        "AUC(reference) - AUC(cache), paired bootstrap over users",
+        "reference": FLAGS.from_cache,
+        "caches": {
+            root: {"quantization": retrieval_cache.quantization(root)}
+            | metrics.binary_metrics(label, p["logit"])
+            | ({"paired": paired[root]} if root in paired else {})
+            for root, p in preds.items()
+        },
+    }
 
 
 def ranking_splits(event_log) -> sequences.SequenceSplits:
