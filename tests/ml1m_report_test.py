@@ -84,7 +84,8 @@ def test_a_cache_ablation_gets_one_row_per_cache(tmp_path):
     ablation = {"epoch": 2, "reference": "/c/int8", "caches": {
         "/c/int8": {"quantization": "int8", "auc": 0.8, "ne": 0.79},
         "/c/f32": {"quantization": "none", "auc": 0.8004, "ne": 0.789, "paired": paired},
-    }}  # fmt: skip
+    }, "stale": {"80": {"auc": 0.79, "ne": 0.8, "count": 300, "inexact": 30,
+                        "paired": {"diff": 0.01, "p_value": 0.001}}}}  # fmt: skip
     run = _run("vista_ranker", 1, 0.0) | {
         "task": "ranking", "evals": [ev], "validation_selected": ev, "last": ev,
         "best_test_oracle": ev, "cache_ablation": ablation,
@@ -93,8 +94,10 @@ def test_a_cache_ablation_gets_one_row_per_cache(tmp_path):
     lines = report.report(tmp_path).splitlines()
     rows = [line for line in lines if line.startswith("| vista_ranker | 1 | 2 |")]
     assert rows == [
-        "| vista_ranker | 1 | 2 | int8 | 0.8000 | 0.7900 | reference |",
-        "| vista_ranker | 1 | 2 | float32 | 0.8004 | 0.7890 | -0.0004 (p 0.5) |",
+        "| vista_ranker | 1 | 2 | int8 | as trained | 0.8000 | 0.7900 | reference |",
+        "| vista_ranker | 1 | 2 | float32 |  | 0.8004 | 0.7890 | -0.0004 (p 0.5) |",
+        "| vista_ranker | 1 | 2 | int8 | 80 events stale (10.0% fresher: the row holds no "
+        "older snapshot) | 0.7900 | 0.8000 | +0.0100 (p 0.001) |",
     ]
 
 

@@ -130,10 +130,11 @@ def test_a_position_reads_no_later_event(data):
     assert not np.allclose(got[:, p + 1 :], base[:, p + 1 :])
 
 
-@pytest.mark.parametrize("dim", [6, 0])  # 0: no summaries, the recent-only ranker
-def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, dim):
-    """PositionSummaryRanker: position p = `Ranker` on snapshot (p+1)//S's tokens and the
-    last R events before the scored event."""
+# dim 0: no summaries, the recent-only ranker; lag: the staleness ablation (in snapshots).
+@pytest.mark.parametrize("dim, lag", [(6, 0), (0, 0), (6, 2)])
+def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, dim, lag):
+    """PositionSummaryRanker: position p = `Ranker` on snapshot (p+1)//S's tokens (with a
+    lag, max(0, (p+1)//S - lag)'s) and the last R events before the scored event."""
     log, splits = data
     every, num_seeds, r = 4, 2, 3
     rows = {k: v for k, v in _rows(splits).items() if not k.startswith("prefix")}
@@ -145,10 +146,10 @@ def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, d
         num_layers=2, mlp_hidden=16, num_recent=r, summary_dim=dim,
     )  # fmt: skip
     ranker = Ranker(cfg, nnx.Rngs(2))
-    got = np.asarray(sequential_ranking.PositionSummaryRanker(ranker, every)(rows))
+    got = np.asarray(sequential_ranking.PositionSummaryRanker(ranker, every, lag)(rows))
     ev, offsets = _events(log), log.user_offsets
     requests, where = {f"recent_{name}": [] for name in ev}, []
-    summaries, lengths, cand, cand_category = [], [], [], []
+    summaries, lengths, cand, cand_category, inexact = [], [], [], [], 0
     for row, p in zip(*np.nonzero(rows["target"]), strict=True):
         lo, a = int(offsets[rows["user"][row]]), int(rows["start"][row])
         t = a + p + 1
@@ -156,7 +157,8 @@ def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, d
         for name, x in ev.items():
             requests[f"recent_{name}"].append(np.pad(x[lo + h0 : lo + t], (0, r - (t - h0))))
         lengths.append(t - h0)
-        summaries.append(rows["summary_values"][row, (p + 1) // every])
+        summaries.append(rows["summary_values"][row, max(0, (p + 1) // every - lag)])
+        inexact += bool(a > 0 and (p + 1) // every < lag)  # Asked older than the row holds.
         cand.append([ev["item"][lo + t]])
         cand_category.append([ev["category"][lo + t]])
         where.append((row, p))
@@ -171,3 +173,8 @@ def test_vista_stage2_at_every_position_equals_the_ranker_on_its_request(data, d
                   "summary_mask": jnp.ones(len(lengths), bool)}  # fmt: skip
     want = np.asarray(ranker(batch)[0][:, 0])
     np.testing.assert_allclose(got[tuple(np.array(where).T)], want, rtol=1e-5, atol=1e-5)
+    count = sequential_ranking.stale_inexact(rows["start"], rows["target"] > 0, every, lag)
+    assert count == inexact and (lag == 0 or 0 < inexact < len(where))
+    if lag:  # Stale summaries change the scores.
+        fresh = np.asarray(sequential_ranking.PositionSummaryRanker(ranker, every)(rows))
+        assert not np.allclose(fresh[tuple(np.array(where).T)], want, atol=1e-4)

@@ -125,24 +125,28 @@ def test_a_request_form_ranker_scores_the_same_requests(ranking_runs):
 
 
 @pytest.mark.parametrize(
-    "model, task, prefix_len, from_cache, export_cache, message",
+    "model, task, prefix_len, from_cache, export_cache, message, caches, lags",
     [
-        ("full_attention", "retrieval", 0, "", "", "--task=ranking"),
-        ("recent_only", "retrieval", 0, "", "", "--task=ranking"),
-        ("sim_hard", "ranking", 0, "/some/cache", "", "VISTA summaries"),
-        ("sasrec", "ranking", 8, "", "", "reads the window only"),
-        ("recent_only", "ranking", 8, "", "", "reads the window only"),
-        ("vista_ranker", "ranking", 1024, "", "", "pass --from_cache"),
-        ("hstu", "ranking", 0, "", "/out", "--export_cache needs a source VISTA model"),
-        ("vista_hstu", "ranking", 0, "/some/cache", "/out", "--export_cache needs a source"),
-        ("vista_ranker", "ranking", 0, "/some/cache", "/out", "--export_cache needs a source"),
+        ("full_attention", "retrieval", 0, "", "", "--task=ranking", [], []),
+        ("recent_only", "retrieval", 0, "", "", "--task=ranking", [], []),
+        ("sim_hard", "ranking", 0, "/some/cache", "", "VISTA summaries", [], []),
+        ("sasrec", "ranking", 8, "", "", "reads the window only", [], []),
+        ("recent_only", "ranking", 8, "", "", "reads the window only", [], []),
+        ("vista_ranker", "ranking", 1024, "", "", "pass --from_cache", [], []),
+        ("hstu", "ranking", 0, "", "/out", "--export_cache needs a source VISTA", [], []),
+        ("vista_hstu", "ranking", 0, "/c", "/out", "--export_cache needs a source", [], []),
+        ("vista_ranker", "ranking", 0, "/c", "/out", "--export_cache needs a source", [], []),
+        ("twin", "ranking", 0, "", "", "--score_caches scores", ["/other"], []),
+        ("vista_hstu", "ranking", 0, "/c", "", "--score_lags makes", [], ["40"]),
+        ("vista_ranker", "ranking", 0, "/c", "", "not multiples of --snapshot_every=40", [],
+         ["40", "60"]),
     ],
-)
+)  # fmt: skip
 def test_models_refuse_flags_they_cannot_honour(
-    model, task, prefix_len, from_cache, export_cache, message
+    model, task, prefix_len, from_cache, export_cache, message, caches, lags
 ):
     with pytest.raises(UsageError, match=re.escape(message)):
-        models.check_flags(model, task, prefix_len, from_cache, export_cache)
+        models.check_flags(model, task, prefix_len, from_cache, export_cache, caches, lags, 40)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +182,7 @@ def test_a_cache_ablation_scores_one_checkpoint_on_each_cache(tmp_path):
     _, log = _run(tmp_path, "again", *source, f"--export_cache={f32}", "--cache_precision=none")
     assert "resumed after epoch 1" in log and "epoch 1: loss" not in log  # Not retrained.
     r, _ = _run(tmp_path, "ranker", *vista, "--model=vista_ranker", f"--from_cache={int8}",
-                f"--score_caches={f32},{int8}")  # fmt: skip
+                f"--score_caches={f32},{int8}", "--score_lags=5,10")  # fmt: skip
     ablation = r["cache_ablation"]
     assert ablation["epoch"] == 1 and ablation["reference"] == str(int8)
     caches = ablation["caches"]
@@ -188,3 +192,6 @@ def test_a_cache_ablation_scores_one_checkpoint_on_each_cache(tmp_path):
     # int8 keeps the scoring close to float32 (one scale per token).
     assert caches[str(f32)]["auc"] == pytest.approx(caches[str(int8)]["auc"], abs=0.01)
     assert caches[str(f32)]["count"] == caches[str(int8)]["count"]
+    stale = ablation["stale"]  # One and two snapshots (5 events each) older.
+    assert list(stale) == ["5", "10"] and all("p_value" in s["paired"] for s in stale.values())
+    assert 0 <= stale["5"]["inexact"] <= stale["10"]["inexact"] < stale["10"]["count"]

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -145,10 +146,17 @@ class PositionSummaryRanker(nnx.Module):
     lifelong_inputs` dequantizes them), the window and the targets; never the prefix. A
     `Ranker` without summaries (`summary_dim` 0) is the recent-only baseline: it reads the
     last R events alone.
+
+    Position p reads snapshot (p + 1) // S; with `summary_lag` L (the staleness ablation) the
+    one L·S events older, max(0, (p + 1) // S - L). Snapshot 0 (the events before the row)
+    is the oldest a row holds, so that is exact where the row starts at the user's first
+    event (a summary older than the user is empty) or (p + 1) // S >= L, and fresher than
+    asked elsewhere (`stale_inexact` counts those positions).
     """
 
-    def __init__(self, ranker: nnx.Module, snapshot_every: int):
+    def __init__(self, ranker: nnx.Module, snapshot_every: int, summary_lag: int = 0):
         self.ranker, self.snapshot_every = ranker, snapshot_every
+        self.summary_lag = summary_lag  # Snapshots behind the freshest (staleness ablation).
 
     def __call__(self, batch, dropout_key=None):
         del dropout_key  # The ranker has no dropout.
@@ -165,12 +173,21 @@ class PositionSummaryRanker(nnx.Module):
         }
         if self.ranker.cfg.use_summaries:
             summary_BxJxKxD = lifelong_inputs(batch)["summary_BxJxKxD"]
-            snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every
+            snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every - self.summary_lag
+            snapshot_L = jnp.maximum(snapshot_L, 0)  # Before the row: the prefix's snapshot.
             summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]
             requests["summary"] = summary_BxLxKxD.reshape((n,) + summary_BxLxKxD.shape[2:])
             requests["summary_mask"] = jnp.ones((n,), bool)
         logits, _ = self.ranker(requests)
         return logits.reshape(b, length)
+
+
+def stale_inexact(start_B, scored_BxL, snapshot_every: int, summary_lag: int) -> int:
+    """How many scored positions `PositionSummaryRanker(summary_lag=...)` reads fresher than
+    asked: rows that start after the user's first event where (p + 1) // S < the lag."""
+    p = np.arange(scored_BxL.shape[1])
+    short = (p + 1) // snapshot_every < summary_lag
+    return int(np.sum(scored_BxL & short[None, :] & (np.asarray(start_B) > 0)[:, None]))
 
 
 def bce_loss(logits_BxL, label_BxL, scored_BxL):

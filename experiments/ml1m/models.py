@@ -69,6 +69,8 @@ def check_flags(
     from_cache: str,
     export_cache: str,
     score_caches: list[str] = (),
+    score_lags: list[str] = (),
+    snapshot_every: int = 1,
 ):
     """Refuses (app.UsageError, naming the fix) flags `model` cannot honour."""
     can = CAPABILITIES[model]
@@ -101,4 +103,16 @@ def check_flags(
             "--score_caches scores a ranking model that reads --from_cache on other caches; "
             f"--model={model} --task={task}{' --from_cache' if from_cache else ''} does not. "
             "Fix: add --from_cache=DIR (and --task=ranking) or drop --score_caches"
+        )
+    if score_lags and not (can.cache == "required" and from_cache and task == "ranking"):
+        raise app.UsageError(
+            f"--score_lags makes the summaries of --model={SUMMARY_RANKER} stale; "
+            f"--model={model} does not read them per position. Fix: drop --score_lags"
+        )
+    bad = [lag for lag in score_lags if not str(lag).isdigit() or int(lag) % snapshot_every]
+    if bad:
+        raise app.UsageError(
+            f"--score_lags={','.join(map(str, score_lags))}: {bad} are not multiples of "
+            f"--snapshot_every={snapshot_every} (a stale summary is an older snapshot). Fix: "
+            f"use lags like {snapshot_every},{2 * snapshot_every}"
         )

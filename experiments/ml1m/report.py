@@ -176,30 +176,38 @@ def by_history(groups: dict[str, list[dict]]) -> str:
 
 
 def cache_ablations(groups: dict[str, list[dict]]) -> str:
-    """The runs scored on other caches (`--score_caches`): per seed, the test AUC of one
-    checkpoint on each cache's summaries and the reference cache's AUC minus it (paired)."""
+    """The runs scored on other summaries (`--score_caches`, `--score_lags`): per seed, the
+    test AUC of one checkpoint on each variant and the reference's AUC minus it (paired)."""
     lines = []
     for name, group in sorted(groups.items()):
         for run in sorted(group, key=lambda r: r["seed"]):
             ablation = run.get("cache_ablation")
             if not ablation:
                 continue
-            for root, entry in ablation["caches"].items():
-                paired = entry.get("paired")
+            ref = ablation["caches"][ablation["reference"]]
+            stored = {"none": "float32"}.get(ref["quantization"], ref["quantization"])
+            variants = [("as trained", stored, ref)]
+            variants += [
+                ("", {"none": "float32"}.get(e["quantization"], e["quantization"]), e)
+                for root, e in ablation["caches"].items() if root != ablation["reference"]
+            ]  # fmt: skip
+            for lag, e in ablation.get("stale", {}).items():
+                share = e["inexact"] / e["count"]
+                note = f" ({share:.1%} fresher: the row holds no older snapshot)" if share else ""
+                variants.append((f"{lag} events stale{note}", stored, e))
+            for label, precision, e in variants:
+                paired = e.get("paired")
                 diff = (
                     "reference"
-                    if root == ablation["reference"]
+                    if e is ref
                     else (f"{paired['diff']:+.4f} (p {paired['p_value']:.3g})" if paired else "")
                 )
-                stored = {"none": "float32"}.get(entry["quantization"], entry["quantization"])
-                lines.append(f"| {name} | {run['seed']} | {ablation['epoch']} | {stored} | "
-                             f"{entry['auc']:.4f} | {entry['ne']:.4f} | {diff} |")  # fmt: skip
+                lines.append(f"| {name} | {run['seed']} | {ablation['epoch']} | {precision} | "
+                             f"{label} | {e['auc']:.4f} | {e['ne']:.4f} | {diff} |")  # fmt: skip
     if not lines:
         return ""
-    head = (
-        "| setting | seed | epoch | summaries stored as | test AUC | NE | Δ AUC of the reference |"
-    )
-    return "\n".join([head, "|---" * 7 + "|", *lines])
+    head = "| setting | seed | epoch | summaries as | staleness | test AUC | NE | Δ AUC (p) |"
+    return "\n".join([head, "|---" * 8 + "|", *lines])
 
 
 def run_costs(run: dict) -> tuple[float | None, float]:
@@ -386,10 +394,12 @@ def build(results_dir: pathlib.Path) -> tuple[str, dict | None]:
         ablations = cache_ablations(ranking)
         if ablations:
             text += [
-                "Cache precision (`--score_caches`): one trained checkpoint (its last epoch)",
-                "scored on the same source's summaries stored int8 (one scale per token), bf16",
-                "and float32; only the stored summaries differ. Δ: the reference cache's test AUC",
-                "minus that cache's, paired bootstrap over users.",
+                "Cache precision and staleness (`--score_caches`, `--score_lags`): one trained",
+                "checkpoint (its last epoch) scored on the same source's summaries stored int8",
+                "(one scale per token), bf16 and float32, and on the summaries it trained on",
+                "made stale (each position reads the snapshot that many events older; its last",
+                "`--num_recent` raw events stay fresh); only the summaries differ. Δ: the",
+                "reference's test AUC minus the variant's, paired bootstrap over users.",
                 "",
                 ablations,
                 "",

@@ -117,6 +117,12 @@ flags.DEFINE_list(
     "caches' summaries (same rows and shapes, e.g. the source exported at another "
     "--cache_precision), paired against --from_cache (the cache ablation in the result).",
 )
+flags.DEFINE_list(
+    "score_lags",
+    [],
+    "vista_ranker: after training, also score the test split with --from_cache's summaries "
+    "this many events stale (multiples of --snapshot_every; the staleness ablation).",
+)
 flags.DEFINE_string(
     "resume_dir",
     "",
@@ -252,7 +258,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     # ==== data ================================================================================
     models.check_flags(
         FLAGS.model, FLAGS.task, FLAGS.prefix_len, FLAGS.from_cache, FLAGS.export_cache,
-        FLAGS.score_caches,
+        FLAGS.score_caches, FLAGS.score_lags, FLAGS.snapshot_every,
     )  # fmt: skip
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
@@ -305,7 +311,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         splits = retrieval_cache.attach(splits, FLAGS.from_cache, *shape)
         splits = retrieval_cache.without_prefix(splits)
     rngs = nnx.Rngs(FLAGS.seed)
-    if uses_ranker:
+    if uses_ranker:  # (summary_lag 0: the freshest snapshot; the staleness ablation sets it.)
         model = sequential_ranking.PositionSummaryRanker(
             Ranker(cfg, rngs), summary_cfg.snapshot_every
         )
@@ -425,9 +431,9 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             break
     # ==== cache ablation: the trained model on other caches' summaries ========================
     ablation = None
-    if FLAGS.score_caches:  # An analysis of the trained model: its time is not the run's.
-        t3 = time.time()
-        ablation = cache_ablation(score_fn, state.params, uncached, summary_cfg, epoch)
+    if FLAGS.score_caches or FLAGS.score_lags:  # An analysis of the trained model: its time
+        t3 = time.time()  # is not the run's.
+        ablation = cache_ablation(graphdef, state.params, uncached, summary_cfg, epoch)
         ablation["seconds"] = time.time() - t3
         start += ablation["seconds"]
     # ==== cache export ========================================================================
@@ -474,37 +480,60 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     }, selected_preds
 
 
-def cache_ablation(score_fn, params, splits, summary_cfg, epoch: int) -> dict:
-    """The trained model's test metrics reading the summaries of --from_cache and of each
-    --score_caches version (same rows and shapes: e.g. one source's summaries stored int8, bf16
-    and float32), each paired against --from_cache by a bootstrap over users: the same
-    checkpoint, only the summaries differ."""
+def cache_ablation(graphdef, params, splits, summary_cfg, epoch: int) -> dict:
+    """One trained checkpoint (the last epoch) scored on the test split with other summaries:
+    those of each --score_caches version (same rows and shapes: e.g. one source's summaries
+    stored int8, bf16 and float32) and those of --from_cache made stale by each --score_lags
+    (every position reads the snapshot that many events older). Each is paired against the
+    reference (--from_cache, fresh) by a bootstrap over users: only the summaries differ."""
     shape = retrieval_cache.summary_shape(summary_cfg)
-    preds = {}
+    fresh = jax.jit(sequential_ranking.make_logits_fn(graphdef))
+    tests, scorers = {}, {}  # name -> (test split, logits fn)
     for root in [FLAGS.from_cache, *FLAGS.score_caches]:
         cached = retrieval_cache.without_prefix(retrieval_cache.attach(splits, root, *shape))
-        preds[root] = ranking_predictions(score_fn, params, cached.test, FLAGS.eval_batch_size)
-        log(f"cache ablation: {root} scored")
-    ref = preds[FLAGS.from_cache]
-    label = ref["label"].astype(np.float64)
+        tests[root], scorers[root] = cached.test, fresh
+    for lag in FLAGS.score_lags:
+        stale = nnx.merge(graphdef, params)
+        stale.summary_lag = int(lag) // summary_cfg.snapshot_every  # In snapshots.
+        tests[f"lag {lag}"] = tests[FLAGS.from_cache]
+        scorers[f"lag {lag}"] = jax.jit(sequential_ranking.make_logits_fn(nnx.split(stale)[0]))
+    preds = {}
+    for name, test in tests.items():
+        preds[name] = ranking_predictions(scorers[name], params, test, FLAGS.eval_batch_size)
+        log(f"ablation: {name} scored")
+    ref, ref_split = preds[FLAGS.from_cache], tests[FLAGS.from_cache]
     for p in preds.values():  # Same requests in the same order: same rows, same batches.
-        if not (
-            np.array_equal(p["user"], ref["user"]) and np.array_equal(p["event"], ref["event"])
-        ):
-            raise ValueError("the caches' test predictions are for different requests")
-    others = {root: preds[root]["logit"] for root in FLAGS.score_caches}
+        if not all(np.array_equal(p[k], ref[k]) for k in ("user", "event", "label")):
+            raise ValueError("the ablation's test predictions are for different requests")
+    label = ref["label"].astype(np.float64)
+    variants = [*FLAGS.score_caches, *(f"lag {lag}" for lag in FLAGS.score_lags)]
+    others = {name: preds[name]["logit"] for name in variants}
     paired = metrics.paired_auc_bootstraps(label, ref["logit"], others, ref["user"])
+
+    def entry(name, logit):
+        return metrics.binary_metrics(label, logit) | (
+            {"paired": paired[name]} if name in paired else {}
+        )
+
+    def stale_entry(lag):
+        inexact = sequential_ranking.stale_inexact(
+            ref_split["start"], ref_split["target"] > 0, summary_cfg.snapshot_every,
+            lag // summary_cfg.snapshot_every,
+        )  # fmt: skip
+        return entry(f"lag {lag}", preds[f"lag {lag}"]["logit"]) | {"inexact": inexact}
+
+    caches = {FLAGS.from_cache: entry(FLAGS.from_cache, ref["logit"])}
+    caches |= {root: entry(root, preds[root]["logit"]) for root in FLAGS.score_caches}
     return {
         "epoch": epoch,
-        "note": "one checkpoint (the last epoch) scored on each cache's test summaries; diff = "
-        "AUC(reference) - AUC(cache), paired bootstrap over users",
+        "note": "one checkpoint (the last epoch) scored on other summaries of the test "
+        "requests; diff = AUC(reference) - AUC(variant), paired bootstrap over users",
         "reference": FLAGS.from_cache,
         "caches": {
-            root: {"quantization": retrieval_cache.quantization(root)}
-            | metrics.binary_metrics(label, p["logit"])
-            | ({"paired": paired[root]} if root in paired else {})
-            for root, p in preds.items()
+            root: {"quantization": retrieval_cache.quantization(root)} | e
+            for root, e in caches.items()
         },
+        "stale": {str(lag): stale_entry(int(lag)) for lag in FLAGS.score_lags},
     }
 
 
