@@ -429,10 +429,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
             log(f"time budget of {FLAGS.time_budget_min} min reached after epoch {epoch}")
             stopped = "time budget"
             break
-    # ==== cache ablation: the trained model on other caches' summaries ========================
+    # ==== ablation: the trained model on other or stale summaries (its time is not the run's)
     ablation = None
-    if FLAGS.score_caches or FLAGS.score_lags:  # An analysis of the trained model: its time
-        t3 = time.time()  # is not the run's.
+    if FLAGS.score_caches or FLAGS.score_lags:
+        t3 = time.time()
         ablation = cache_ablation(graphdef, state.params, uncached, summary_cfg, epoch)
         ablation["seconds"] = time.time() - t3
         start += ablation["seconds"]
@@ -555,8 +555,8 @@ def ranking_splits(event_log) -> sequences.SequenceSplits:
 def flag_values() -> dict:
     names = (
         "task positive_rating epochs eval_every time_budget_min patience batch_size window "
-        "num_negatives "
-        "temperature learning_rate weight_decay train_on_valid sampling eval_batch_size "
+        "num_negatives temperature learning_rate weight_decay train_on_valid sampling "
+        "eval_batch_size "
         "prefix_len from_cache top_k ranker_width"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}
