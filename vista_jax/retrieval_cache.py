@@ -98,12 +98,19 @@ def export(
 
 
 def attach(
-    splits: sequences.SequenceSplits, root, num_snapshots: int, k: int, d: int, version=None
+    splits: sequences.SequenceSplits,
+    root,
+    num_snapshots: int,
+    k: int,
+    d: int,
+    version=None,
+    only: tuple[str, ...] = SPLITS,
 ) -> sequences.SequenceSplits:
     """`splits` with each split's summaries of every snapshot as stored: `summary_values`
     [U, J, K, D] (int8, bf16 or f32) and, for int8, `summary_scale` [U, J, K]; the model's
     step dequantizes them on device (`retrieval.lifelong_inputs`), so the host holds and
-    transfers a quarter of the float32 bytes.
+    transfers a quarter of the float32 bytes. Only the splits named in `only` are read (the
+    others are returned without summaries).
 
     Refuses a version made from other rows or shapes, and any row the version lacks.
     """
@@ -122,6 +129,9 @@ def attach(
     for name in SPLITS:
         split = getattr(splits, name)
         n = len(split["item"])
+        if name not in only:
+            offset += n
+            continue
         read = store.read_quantized(np.arange(offset, offset + n))
         if not read.present.all():
             missing = offset + np.flatnonzero(~read.present)[:5]

@@ -138,8 +138,17 @@ def paired_cell(name: str, group: list[dict], tests: dict) -> str:
     found = [tests[(name, r["seed"])] for r in group if (name, r["seed"]) in tests]
     if not found:
         return ""
-    diff, p = np.mean([t["diff"] for t in found]), max(t["p_value"] for t in found)
+    return diff_cell(np.mean([t["diff"] for t in found]), max(t["p_value"] for t in found))
+
+
+def diff_cell(diff: float, p: float) -> str:
+    """A paired difference and its p, as every ML-1M table shows them."""
     return f"{diff:+.4f} (p {p:.3g})"
+
+
+def precision_name(quantization: str) -> str:
+    """A summary store's quantization as the tables name it ("none" is float32)."""
+    return {"none": "float32"}.get(quantization, quantization)
 
 
 HISTORY_BUCKETS = (1, 100, 200, 400, 1000)  # Events before the request: [1, 100), ...
@@ -185,10 +194,10 @@ def cache_ablations(groups: dict[str, list[dict]]) -> str:
             if not ablation:
                 continue
             ref = ablation["caches"][ablation["reference"]]
-            stored = {"none": "float32"}.get(ref["quantization"], ref["quantization"])
+            stored = precision_name(ref["quantization"])
             variants = [("as trained", stored, ref)]
             variants += [
-                ("", {"none": "float32"}.get(e["quantization"], e["quantization"]), e)
+                ("", precision_name(e["quantization"]), e)
                 for root, e in ablation["caches"].items() if root != ablation["reference"]
             ]  # fmt: skip
             for lag, e in ablation.get("stale", {}).items():
@@ -197,11 +206,8 @@ def cache_ablations(groups: dict[str, list[dict]]) -> str:
                 variants.append((f"{lag} events stale{note}", stored, e))
             for label, precision, e in variants:
                 paired = e.get("paired")
-                diff = (
-                    "reference"
-                    if e is ref
-                    else (f"{paired['diff']:+.4f} (p {paired['p_value']:.3g})" if paired else "")
-                )
+                diff = "reference" if e is ref else (
+                    diff_cell(paired["diff"], paired["p_value"]) if paired else "")  # fmt: skip
                 lines.append(f"| {name} | {run['seed']} | {ablation['epoch']} | {precision} | "
                              f"{label} | {e['auc']:.4f} | {e['ne']:.4f} | {diff} |")  # fmt: skip
     if not lines:

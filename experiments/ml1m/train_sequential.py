@@ -402,9 +402,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
                     row["test"] = metrics.binary_metrics(
                         preds["label"].astype(np.float32), preds["logit"]
                     )
-                    # Strictly better than every earlier epoch: the first of tied epochs
-                    # is the selected one, as below.
-                    if all(row["valid"]["auc"] > r["valid"]["auc"] for r in evals):
+                    # A gain on every earlier epoch (the first of tied epochs is the
+                    # selected one, as below).
+                    valid_aucs = [r["valid"]["auc"] for r in [*evals, row]]
+                    if train.passes_without_gain(valid_aucs) == 0:
                         selected_preds = preds | {"epoch": np.int32(epoch)}
                         if selected_file is not None:
                             save_predictions(selected_file, selected_preds)
@@ -433,7 +434,9 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     ablation = None
     if FLAGS.score_caches or FLAGS.score_lags:
         t3 = time.time()
-        ablation = cache_ablation(graphdef, state.params, uncached, summary_cfg, epoch)
+        ablation = cache_ablation(
+            score_fn, graphdef, state.params, uncached, splits.test, summary_cfg, epoch
+        )
         ablation["seconds"] = time.time() - t3
         start += ablation["seconds"]
     # ==== cache export ========================================================================
@@ -480,26 +483,29 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     }, selected_preds
 
 
-def cache_ablation(graphdef, params, splits, summary_cfg, epoch: int) -> dict:
+def cache_ablation(score_fn, graphdef, params, uncached, test, summary_cfg, epoch: int) -> dict:
     """One trained checkpoint (the last epoch) scored on the test split with other summaries:
     those of each --score_caches version (same rows and shapes: e.g. one source's summaries
     stored int8, bf16 and float32) and those of --from_cache made stale by each --score_lags
     (every position reads the snapshot that many events older). Each is paired against the
-    reference (--from_cache, fresh) by a bootstrap over users: only the summaries differ."""
+    reference (`test`: --from_cache, fresh, as the run scored it with `score_fn`) by a
+    bootstrap over users: only the summaries differ. Only test rows of the other caches are
+    read (`uncached`: the splits before any cache was attached)."""
     shape = retrieval_cache.summary_shape(summary_cfg)
-    fresh = jax.jit(sequential_ranking.make_logits_fn(graphdef))
-    tests, scorers = {}, {}  # name -> (test split, logits fn)
-    for root in [FLAGS.from_cache, *FLAGS.score_caches]:
-        cached = retrieval_cache.without_prefix(retrieval_cache.attach(splits, root, *shape))
-        tests[root], scorers[root] = cached.test, fresh
+    tests, scorers = {FLAGS.from_cache: test}, {}  # name -> its test rows, its logits fn
+    for root in FLAGS.score_caches:
+        if root not in tests:
+            cached = retrieval_cache.attach(uncached, root, *shape, only=("test",))
+            tests[root] = retrieval_cache.without_prefix(cached).test
     for lag in FLAGS.score_lags:
         stale = nnx.merge(graphdef, params)
         stale.summary_lag = int(lag) // summary_cfg.snapshot_every  # In snapshots.
-        tests[f"lag {lag}"] = tests[FLAGS.from_cache]
+        tests[f"lag {lag}"] = test
         scorers[f"lag {lag}"] = jax.jit(sequential_ranking.make_logits_fn(nnx.split(stale)[0]))
     preds = {}
-    for name, test in tests.items():
-        preds[name] = ranking_predictions(scorers[name], params, test, FLAGS.eval_batch_size)
+    for name, rows in tests.items():
+        logits_fn = scorers.get(name, score_fn)  # A cache: the run's own compiled scorer.
+        preds[name] = ranking_predictions(logits_fn, params, rows, FLAGS.eval_batch_size)
         log(f"ablation: {name} scored")
     ref, ref_split = preds[FLAGS.from_cache], tests[FLAGS.from_cache]
     for p in preds.values():  # Same requests in the same order: same rows, same batches.
