@@ -34,7 +34,7 @@ def model(source):
 
 def encode(m, batch):
     return np.asarray(
-        m.encode_last(*retrieval.batch_inputs(batch), **retrieval.lifelong_inputs(batch))
+        m.encode_last(*retrieval.batch_inputs(batch), **retrieval.extra_inputs(batch))
     )
 
 

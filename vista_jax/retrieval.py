@@ -175,12 +175,18 @@ def make_optimizer(
     return optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay)
 
 
-def lifelong_inputs(batch) -> dict:
+def extra_inputs(batch) -> dict:
     """Keyword inputs beyond the window's items, for models that read them: the input events'
-    action ids (ranking rows), the events before the window (`prefix`), or the summaries of
-    every snapshot read from a cache, as stored (`summary_values` [, `summary_scale`]:
-    `retrieval_cache.attach`), dequantized here, inside the jitted step, on device."""
-    names = {"prefix": "prefix_BxP", "action": "action_BxL", "prefix_action": "prefix_action_BxP"}
+    action ids (ranking rows), the segments of packed rows (`sequences.pack_rows`), the events
+    before the window (`prefix`), or the summaries of every snapshot read from a cache, as
+    stored (`summary_values` [, `summary_scale`]: `retrieval_cache.attach`), dequantized
+    here, inside the jitted step, on device."""
+    names = {
+        "prefix": "prefix_BxP",
+        "action": "action_BxL",
+        "prefix_action": "prefix_action_BxP",
+        "segment": "segment_BxL",
+    }
     inputs = {kw: batch[name] for name, kw in names.items() if name in batch}
     if "summary_values" in batch:
         inputs["summary_BxJxKxD"] = decode(batch["summary_values"], batch.get("summary_scale"))
@@ -214,9 +220,7 @@ def make_train_step(
     def loss_of(params, batch, key):
         model: SequentialEncoder = nnx.merge(graphdef, params)
         dropout_key, negatives_key = jax.random.split(fast_key(key))
-        user_BxLxD, _ = model(
-            *batch_inputs(batch), dropout_key=dropout_key, **lifelong_inputs(batch)
-        )
+        user_BxLxD, _ = model(*batch_inputs(batch), dropout_key=dropout_key, **extra_inputs(batch))
         return sampled_softmax_loss(
             user_BxLxD,
             batch["target"],
@@ -250,7 +254,7 @@ def make_score_fn(graphdef) -> Callable:
 
     def score(params, batch):
         model: SequentialEncoder = nnx.merge(graphdef, params)
-        user_BxD = model.encode_last(*batch_inputs(batch), **lifelong_inputs(batch))
+        user_BxD = model.encode_last(*batch_inputs(batch), **extra_inputs(batch))
         return catalog_scores(user_BxD, model.normalized_items())
 
     return score

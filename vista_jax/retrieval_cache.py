@@ -108,7 +108,7 @@ def attach(
 ) -> sequences.SequenceSplits:
     """`splits` with each split's summaries of every snapshot as stored: `summary_values`
     [U, J, K, D] (int8, bf16 or f32) and, for int8, `summary_scale` [U, J, K]; the model's
-    step dequantizes them on device (`retrieval.lifelong_inputs`), so the host holds and
+    step dequantizes them on device (`retrieval.extra_inputs`), so the host holds and
     transfers a quarter of the float32 bytes. Only the splits named in `only` are read (the
     others are returned without summaries).
 

@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 from vista_jax.models.seq_layers import l2_normalize
-from vista_jax.retrieval import batch_inputs, fast_key, keyed_train_step, lifelong_inputs
+from vista_jax.retrieval import batch_inputs, extra_inputs, fast_key, keyed_train_step
 
 
 class RankingHead(nnx.Module):
@@ -70,7 +70,7 @@ class PositionRanker(nnx.Module):
 
     def __call__(self, batch, dropout_key=None):
         user_BxLxD, _ = self.encoder(
-            *batch_inputs(batch), dropout_key=dropout_key, **lifelong_inputs(batch)
+            *batch_inputs(batch), dropout_key=dropout_key, **extra_inputs(batch)
         )
         cand_BxLxD = l2_normalize(self.encoder.items_table()[batch["target"]])
         return self.head(user_BxLxD, cand_BxLxD)
@@ -143,7 +143,7 @@ class PositionSummaryRanker(nnx.Module):
     """VISTA's stage 2 (`Ranker`) at every position of cache-fed rows: -> logits [B, L].
 
     Reads `summary_values` [, `summary_scale`] (the row's J snapshots, `retrieval.
-    lifelong_inputs` dequantizes them), the window and the targets; never the prefix. A
+    extra_inputs` dequantizes them), the window and the targets; never the prefix. A
     `Ranker` without summaries (`summary_dim` 0) is the recent-only baseline: it reads the
     last R events alone.
 
@@ -172,7 +172,7 @@ class PositionSummaryRanker(nnx.Module):
             "cand_category": batch["target_category"].reshape(n, 1),
         }
         if self.ranker.cfg.use_summaries:
-            summary_BxJxKxD = lifelong_inputs(batch)["summary_BxJxKxD"]
+            summary_BxJxKxD = extra_inputs(batch)["summary_BxJxKxD"]
             snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every - self.summary_lag
             snapshot_L = jnp.maximum(snapshot_L, 0)  # Before the row: the prefix's snapshot.
             summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]

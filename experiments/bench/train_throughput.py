@@ -1,17 +1,26 @@
-r"""Training throughput of the retrieval baselines (sequences per second), compile excluded.
+r"""Training throughput of the retrieval models (sequences per second), compile excluded.
 
-  python -m experiments.bench.train_throughput [--models=sasrec,hstu,hstu_large] [--steps=5]
+  python -m experiments.bench.train_throughput [--models=sasrec,hstu,hstu_large,vista_hstu] \
+      [--data_dir=$VISTA_DATA_DIR] [--steps=8]
 
 One optimizer step = batch 128 users x window 200, d = 50, 3706 items (ML-1M), sampled
-softmax with 128 uniform negatives at every position, dropout on: the reference's ML-1M
-training step. Every position of every row is supervised (full windows, the worst case: on
-ML-1M about half the positions are, and `max_positions` packing then skips the rest). Each
-model is jitted once, warmed up, then `--steps` steps are timed with block_until_ready.
-`sequences_per_second` uses the reference's per-position negatives; `per_row_negatives`
-the cheaper variant sharing 128 negatives across a row's positions (not the reference). A
-matmul calibration measured in the same run says how busy this shared machine was. Prints
-progress to stderr and one JSON object as the last stdout line; a `vista` entry can be added
-to the same dicts later.
+softmax with 128 uniform negatives at every supervised position, dropout on: the reference's
+ML-1M training step. Two kinds of batches, each jitted per shape and warmed up on every batch
+it times (compiles excluded), then timed with block_until_ready:
+
+* `ml1m` (with --data_dir): `--steps` batches of real ML-1M train rows, the ones
+  `train_sequential` trains on, as it does: SASRec/HSTU rows packed several users per row
+  (`sequences.pack_rows`, segment-masked attention, as the reference's jagged batches) and
+  supervised positions packed for the loss. The headline `sequences_per_second`, comparable
+  with the reference's own ML-1M epochs. `ml1m_unpacked` times the same batches one user per
+  row (the speed-up of packing, measured in the same run).
+* `full`: synthetic rows with all 200 positions supervised (the worst case; packing cannot
+  help). The headline when no data is given.
+
+`per_row` sampling (128 negatives shared by a row's positions; not the reference) is timed on
+full windows with `--sampling=per_position,per_row`. A matmul calibration measured in the
+same run says how busy this shared machine was. Prints progress to stderr and one JSON
+object as the last stdout line.
 """
 
 from __future__ import annotations
@@ -27,20 +36,23 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments.ml1m.models import CAPABILITIES
 from vista_jax import retrieval
+from vista_jax.data import sequences
+from vista_jax.data.loaders import load_event_log
 from vista_jax.models.sequential import build_encoder, preset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list(
-    "models", ["sasrec", "hstu", "hstu_large", "vista", "vista_hstu"], "Presets to time."
+flags.DEFINE_list("models", ["sasrec", "hstu", "hstu_large", "vista_hstu"], "Presets to time.")
+flags.DEFINE_list("sampling", ["per_position"], "Negative sampling variants (+ per_row).")
+flags.DEFINE_string(
+    "data_dir", os.environ.get("VISTA_DATA_DIR", ""), "Data root with ml-1m/ (empty: full only)."
 )
-flags.DEFINE_list("sampling", ["per_position", "per_row"], "Negative sampling variants.")
-flags.DEFINE_integer("steps", 5, "Timed steps per model (after 2 warm-up steps).")
+flags.DEFINE_integer("steps", 8, "Timed steps (distinct batches) per model and kind.")
 flags.DEFINE_integer("batch", 128, "Sequences per step.")
 flags.DEFINE_integer("window", 200, "Positions per sequence.")
 flags.DEFINE_integer("num_negatives", 128, "Negatives per position.")
 flags.DEFINE_integer("d_model", 50, "Embedding width.")
-flags.DEFINE_integer("num_items", 3706, "Catalog size (ML-1M).")
 
 
 def log(msg: str) -> None:
@@ -52,34 +64,54 @@ def synthetic_batch(batch: int, window: int, num_items: int, seed: int = 0):
     walk = rng.integers(1, num_items + 1, (batch, window + 1))
     t = np.cumsum(rng.integers(0, 86_400, (batch, window + 1)), axis=1)
     arrays = {"item": walk[:, :-1], "target": walk[:, 1:], "time": t[:, :-1], "next_time": t[:, 1:]}
-    return {k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()}
+    return {k: np.asarray(v, np.int32) for k, v in arrays.items()}
 
 
-def time_model(name: str, sampling: str) -> dict:
-    cfg = preset(name, FLAGS.num_items, d_model=FLAGS.d_model, max_len=FLAGS.window)
+def ml1m_batches(data_dir: str, window: int, batch: int, steps: int):
+    """(num_items, the first `steps` shuffled batches of ML-1M train rows, as trained on)."""
+    log_ = load_event_log("movielens_1m", os.path.join(data_dir, "ml-1m"))
+    train = sequences.from_event_log(log_, window).train
+    batches = sequences.train_batches(train, batch, np.random.default_rng(0))
+    return log_.num_items, [next(batches) for _ in range(steps)]
+
+
+def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bool) -> dict:
+    """Steps over `batches` (packed rows where `pack` and the model packs), each batch's shape
+    compiled and run once before the timed pass."""
+    cfg = preset(name, num_items, d_model=FLAGS.d_model, max_len=FLAGS.window)
     tx = retrieval.make_optimizer()
     graphdef, state = retrieval.init_train_state(build_encoder(cfg, nnx.Rngs(0)), tx)
-    step = jax.jit(
-        retrieval.make_train_step(graphdef, tx, FLAGS.num_negatives, sampling=sampling),
-        donate_argnums=0,
-    )
-    batch = synthetic_batch(FLAGS.batch, FLAGS.window, FLAGS.num_items)
+    steps = {}
+
+    def prepared(batch):
+        batch = sequences.pack_rows(batch) if pack and CAPABILITIES[name].packs else batch
+        count = int(np.sum(batch["target"] > 0))
+        capacity = retrieval.position_capacity(count, FLAGS.batch * FLAGS.window)
+        if capacity not in steps:
+            make = retrieval.make_train_step(
+                graphdef, tx, FLAGS.num_negatives, sampling=sampling, max_positions=capacity
+            )
+            steps[capacity] = jax.jit(make, donate_argnums=0)
+        return steps[capacity], {k: jnp.asarray(v) for k, v in batch.items()}
+
     key = jax.random.key(0)
+    work = [prepared(b) for b in batches]
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        state, m = compiled(state, batch, key)
+    for step, batch in work:  # Compiles every shape, warms up every step.
+        state, m = step(state, batch, key)
     jax.block_until_ready((state, m))
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        state, m = compiled(state, batch, key)
+    for step, batch in work:
+        state, m = step(state, batch, key)
     jax.block_until_ready((state, m))
-    step_s = (time.perf_counter() - t0) / FLAGS.steps
+    step_s = (time.perf_counter() - t0) / len(work)
+    rows = [len(b["item"]) for _, b in work]
     out = {
         "sequences_per_second": FLAGS.batch / step_s,
         "step_ms": 1000 * step_s,
-        "compile_s": compile_s,
+        "warmup_and_compile_s": warmup_s,
+        "mean_rows_per_step": float(np.mean(rows)),
         "loss": float(m["loss"]),
     }
     rate = out["sequences_per_second"]
@@ -99,38 +131,54 @@ def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def rates(results: dict) -> dict:
+    return {m: round(r["sequences_per_second"], 1) for m, r in results.items()}
+
+
 def main(argv):
     del argv
     calibration = {"matmul_gflops_before": matmul_gflops(), "load_avg_before": os.getloadavg()}
-    results = {s: {m: time_model(m, s) for m in FLAGS.models} for s in FLAGS.sampling}
+    num_items, kinds = 3706, {}
+    if FLAGS.data_dir:
+        num_items, real = ml1m_batches(FLAGS.data_dir, FLAGS.window, FLAGS.batch, FLAGS.steps)
+        kinds["ml1m"] = (real, True)
+        kinds["ml1m_unpacked"] = (real, False)
+    full = [synthetic_batch(FLAGS.batch, FLAGS.window, num_items)] * FLAGS.steps
+    kinds["full"] = (full, False)
+    results = {}
+    for kind, (batches, pack) in kinds.items():
+        models = [m for m in FLAGS.models if kind != "ml1m_unpacked" or CAPABILITIES[m].packs]
+        for sampling in FLAGS.sampling if kind == "full" else ["per_position"]:
+            log(f"-- {kind} rows, {sampling} negatives")
+            results[f"{kind}/{sampling}"] = {
+                m: time_model(m, sampling, batches, num_items, pack) for m in models
+            }
     calibration |= {"matmul_gflops_after": matmul_gflops(), "load_avg_after": os.getloadavg()}
     log(f"calibration: {calibration}")
-    headline = results.get("per_position", next(iter(results.values())))
+    headline = "ml1m" if FLAGS.data_dir else "full"
     summary = {
-        "sequences_per_second": {
-            m: round(r["sequences_per_second"], 1) for m, r in headline.items()
-        },
+        "sequences_per_second": rates(results[f"{headline}/per_position"]),
         "config": {
+            "batches": headline,
             "batch": FLAGS.batch,
             "window": FLAGS.window,
             "num_negatives_per_position": FLAGS.num_negatives,
             "d_model": FLAGS.d_model,
-            "num_items": FLAGS.num_items,
-            "supervised_positions": "all (full windows)",
+            "num_items": num_items,
             "dropout": 0.2,
-            "headline_sampling": "per_position" if "per_position" in results else FLAGS.sampling[0],
             "timed_steps": FLAGS.steps,
             "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(),
             "jax": jax.__version__,
         },
+        "full_window_sequences_per_second": rates(results["full/per_position"]),
         "details": results,
         "calibration": calibration,
     }
-    if "per_row" in results and "per_position" in results:
-        summary["per_row_negatives_sequences_per_second"] = {
-            m: round(r["sequences_per_second"], 1) for m, r in results["per_row"].items()
-        }
+    if "ml1m_unpacked/per_position" in results:
+        summary["ml1m_unpacked_sequences_per_second"] = rates(results["ml1m_unpacked/per_position"])
+    if "full/per_row" in results:
+        summary["per_row_negatives_sequences_per_second"] = rates(results["full/per_row"])
     print(json.dumps(summary))
 
 

@@ -47,12 +47,13 @@ class Capabilities:
     ranking_only: bool = False
     prefix: bool = False
     cache: str = "none"
+    packs: bool = False  # Its retrieval training reads packed rows (--pack_rows).
 
 
 CAPABILITIES = {
-    "sasrec": Capabilities("encoder"),
-    "hstu": Capabilities("encoder"),
-    "hstu_large": Capabilities("encoder"),
+    "sasrec": Capabilities("encoder", packs=True),
+    "hstu": Capabilities("encoder", packs=True),
+    "hstu_large": Capabilities("encoder", packs=True),
     "vista": Capabilities("encoder", prefix=True, cache="either"),
     "vista_hstu": Capabilities("encoder", prefix=True, cache="either"),
     **{name: Capabilities("request", True, prefix=True) for name in TARGET_ATTENTION},

@@ -84,6 +84,13 @@ flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (0 in the ML-1M gin files).")
 flags.DEFINE_bool("train_on_valid", False, "Reference setting: train on all but the last event.")
 flags.DEFINE_enum("sampling", "per_position", retrieval.NEGATIVE_SAMPLING, "Negatives.")
+flags.DEFINE_bool(
+    "pack_rows",
+    True,
+    "Retrieval training of SASRec and HSTU: pack several users' windows into one row "
+    "(attention masked to each user's segment; the same loss over the same positions, the "
+    "reference's jagged batches) so short histories cost no padding. Other models ignore it.",
+)
 flags.DEFINE_enum("query_time", "next", ["next", "current"], "HSTU time-bias query time.")
 flags.DEFINE_integer("eval_batch_size", 256, "Users per scoring batch.")
 flags.DEFINE_integer("num_seeds", 32, "VISTA: summary tokens per snapshot.")
@@ -358,6 +365,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     key = jax.random.key(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
     batch_positions = FLAGS.batch_size * FLAGS.window
+    packing = FLAGS.pack_rows and can.packs and not ranking
     # ==== loop ================================================================================
     evals, epoch_seconds, epoch, first = [], [], 0, 1
     # --epochs, --time_budget_min and --patience may change between sessions; nothing else may.
@@ -382,6 +390,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     for epoch in range(first, FLAGS.epochs + 1):
         t0, losses = time.time(), []
         for batch in sequences.train_batches(splits.train, FLAGS.batch_size, rng):
+            batch = sequences.pack_rows(batch) if packing else batch
             state, m = step_for(batch)(state, batch, key)
             losses.append(m["loss"])
         train_loss = float(np.mean(jax.device_get(losses)))
@@ -562,7 +571,7 @@ def flag_values() -> dict:
     names = (
         "task positive_rating epochs eval_every time_budget_min patience batch_size window "
         "num_negatives temperature learning_rate weight_decay train_on_valid sampling "
-        "eval_batch_size "
+        "pack_rows eval_batch_size "
         "prefix_len from_cache top_k ranker_width"
     ).split()
     return {name: getattr(FLAGS, name) for name in names}

@@ -236,6 +236,61 @@ def train_batches(split: Batch, batch_size: int, rng: np.random.Generator) -> It
         yield _padded(split, order[start : start + batch_size], batch_size)
 
 
+def packed_rows_capacity(num_rows: int, batch_size: int, buckets: int = 16) -> int:
+    """`num_rows` rounded up to a multiple of batch_size / buckets (few compiled shapes)."""
+    step = -(-batch_size // buckets)
+    return min(batch_size, max(step, -(-num_rows // step) * step))
+
+
+def pack_rows(batch: Batch, capacity: int | None = None) -> Batch:
+    """Several users' left-aligned rows packed into one window row each, first fit decreasing.
+
+    A row of n events (`item > 0`) fills n consecutive slots of a packed row; `segment` [R, W]
+    numbers the users of a packed row 1, 2, ... (0 = padding) and the encoders mask attention
+    across segments and read positions from segment starts, so every supervised position sees
+    exactly what it saw unpacked, and the loss covers the same positions: the reference's
+    jagged batches, with static shapes. On ML-1M, 128 rows pack into about 70. Every key must
+    be per position ([B, W]); the result has `capacity` rows (default: the rows needed,
+    rounded by `packed_rows_capacity`). Raises ValueError when the rows do not fit.
+    """
+    per_row = {k for k, v in batch.items() if v.shape[:2] != batch["item"].shape}
+    if per_row:
+        raise ValueError(
+            f"pack_rows: {sorted(per_row)} are not per-position [B, W] arrays; only the "
+            "window rows of retrieval training can be packed (prefix, summaries and request "
+            "fields cannot). Fix: pack only `item`, `time`, `next_time`, `target` rows"
+        )
+    width = batch["item"].shape[1]
+    lengths = np.sum(batch["item"] > 0, axis=1)
+    bins: list[list[int]] = []  # Row indices per packed row.
+    room: list[int] = []
+    for r in np.argsort(-lengths, kind="stable"):
+        if lengths[r] == 0:
+            break
+        fit = next((i for i, free in enumerate(room) if free >= lengths[r]), None)
+        if fit is None:
+            bins.append([])
+            room.append(width)
+            fit = len(bins) - 1
+        bins[fit].append(int(r))
+        room[fit] -= int(lengths[r])
+    size = len(bins)
+    capacity = packed_rows_capacity(size, len(lengths)) if capacity is None else capacity
+    if size > capacity:
+        raise ValueError(f"pack_rows: {size} packed rows do not fit in capacity {capacity}")
+    out = {k: np.zeros((capacity, width), v.dtype) for k, v in batch.items()}
+    out["segment"] = np.zeros((capacity, width), np.int32)
+    for i, rows in enumerate(bins):
+        at = 0
+        for s, r in enumerate(rows, start=1):
+            n = int(lengths[r])
+            for k, v in batch.items():
+                out[k][i, at : at + n] = v[r, :n]
+            out["segment"][i, at : at + n] = s
+            at += n
+    return out
+
+
 def eval_batches(split: Batch, batch_size: int) -> Iterator[tuple[Batch, int]]:
     """(batch, number of real rows) in order; the last batch is padded."""
     n = len(split["item"])

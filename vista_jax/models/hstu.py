@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vista_jax.models.seq_layers import causal_query_blocks, dropout, layer_norm, linear, param
+from vista_jax.models.seq_layers import (
+    causal_query_blocks,
+    dropout,
+    layer_norm,
+    linear,
+    param,
+    same_segment,
+)
 
 if TYPE_CHECKING:
     from vista_jax.models.sequential import SequentialConfig
@@ -63,10 +70,13 @@ class HSTUBlock(nnx.Module):
         position_TxM = self.position_bias[...][jnp.clip(offset_TxM, 0, self.max_len - 1)]
         return self.time_bias[...][buckets_BxTxM] + position_TxM
 
-    def attention(self, q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, buckets_BxLxL, window=None) -> jax.Array:
+    def attention(
+        self, q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, buckets_BxLxL, window=None, segment_BxL=None
+    ) -> jax.Array:
         """Causal SiLU attention, query block by query block: a block of queries ending at
         `end` reads keys [0, end) only, which skips most of the masked upper triangle. With a
-        `window` R, query t reads only keys (t - R, t], and a block only the keys it may use."""
+        `window` R, query t reads only keys (t - R, t], and a block only the keys it may use;
+        with `segment_BxL` (packed rows), only keys of its own segment."""
         outputs = []
         for start, end in causal_query_blocks(q_BxHxLxE.shape[2], self.attention_chunks):
             lo = 0 if window is None else max(0, start - window + 1)
@@ -77,7 +87,8 @@ class HSTUBlock(nnx.Module):
             scores = scores + bias[:, None]
             offset_TxM = jnp.arange(start, end)[:, None] - jnp.arange(lo, end)[None, :]
             allowed_TxM = (offset_TxM >= 0) & (offset_TxM < (window or end))
-            weights = jnp.where(allowed_TxM, jax.nn.silu(scores) / self.max_len, 0.0)
+            allowed = allowed_TxM & same_segment(segment_BxL, start, end, lo)
+            weights = jnp.where(allowed, jax.nn.silu(scores) / self.max_len, 0.0)
             outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v_BxHxLxE[:, :, lo:end]))
         return jnp.concatenate(outputs, axis=2)
 
@@ -97,9 +108,10 @@ class HSTUBlock(nnx.Module):
         gated_BxLxV = u_BxLxV * layer_norm(attended, _LN_EPS)
         return x_BxLxD + self.out(dropout(gated_BxLxV, self.rate, keys()))
 
-    def __call__(self, x_BxLxD, valid_BxL, buckets_BxLxL, keys):
+    def __call__(self, x_BxLxD, valid_BxL, buckets_BxLxL, keys, segment_BxL=None):
         del valid_BxL  # Left-aligned padding is after every valid row: causality hides it.
         u, v, q, k = self.split_projection(x_BxLxD)
         # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
-        attended = self.attention(self.heads(q), self.heads(k), self.heads(v), buckets_BxLxL)
+        q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        attended = self.attention(q, k, v, buckets_BxLxL, segment_BxL=segment_BxL)
         return self.gate_and_project(u, attended, x_BxLxD, keys)

@@ -19,7 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vista_jax.models.seq_layers import causal_query_blocks, dropout, layer_norm, linear
+from vista_jax.models.seq_layers import (
+    causal_query_blocks,
+    dropout,
+    layer_norm,
+    linear,
+    same_segment,
+)
 
 if TYPE_CHECKING:
     from vista_jax.models.sequential import SequentialConfig
@@ -27,13 +33,19 @@ if TYPE_CHECKING:
 _LN_EPS = 1e-8
 
 
-def causal_softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, rate: float, key, chunks: int = 1):
-    """Softmax(q k^T / sqrt(E)) over keys <= query, with dropout on the weights when training.
+def causal_softmax_attention(
+    q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, rate: float, key, chunks: int = 1, segment_BxL=None
+):
+    """Softmax(q k^T / sqrt(E)) over keys <= query, with dropout on the weights when training;
+    with `segment_BxL` (packed rows), over the keys of the query's own segment only.
 
     Training computes query blocks that read only the keys before their end (`chunks`).
     """
     if key is None or rate == 0.0:
-        return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, is_causal=True)
+        mask = None if segment_BxL is None else same_segment(segment_BxL, 0, q_BxLxHxE.shape[1])
+        return jax.nn.dot_product_attention(
+            q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, mask=mask, is_causal=True
+        )
     # [B, H, L, E] layout: batch dims lead, which XLA:CPU multiplies much faster.
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q_BxLxHxE, k_BxLxHxE, v_BxLxHxE))
     q = q / math.sqrt(q.shape[-1])
@@ -41,7 +53,8 @@ def causal_softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, rate: float, key, 
     for block, (start, end) in enumerate(causal_query_blocks(q.shape[2], chunks)):
         logits_BxHxTxM = jnp.einsum("bhte,bhme->bhtm", q[:, :, start:end], k[:, :, :end])
         causal_TxM = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        logits_BxHxTxM = jnp.where(causal_TxM, logits_BxHxTxM, -1e30)
+        allowed = causal_TxM & same_segment(segment_BxL, start, end)
+        logits_BxHxTxM = jnp.where(allowed, logits_BxHxTxM, -1e30)
         weights = jax.nn.softmax(logits_BxHxTxM, axis=-1)
         weights = dropout(weights, rate, jax.random.fold_in(key, block))
         outputs.append(jnp.einsum("bhtm,bhme->bhte", weights, v[:, :, :end]))
@@ -65,12 +78,14 @@ class SASRecBlock(nnx.Module):
     def _heads(self, x_BxLxD):
         return x_BxLxD.reshape(x_BxLxD.shape[:-1] + (self.num_heads, -1))
 
-    def __call__(self, x_BxLxD, valid_BxL, context, keys):
+    def __call__(self, x_BxLxD, valid_BxL, context, keys, segment_BxL=None):
         del context  # SASRec has no time features.
         q_in_BxLxD = layer_norm(x_BxLxD, _LN_EPS)
         k_BxLxD, v_BxLxD = jnp.split(self.key_value(x_BxLxD), 2, axis=-1)
         q, k, v = (self._heads(t) for t in (self.query(q_in_BxLxD), k_BxLxD, v_BxLxD))
-        attended = causal_softmax_attention(q, k, v, self.attn_rate, keys(), self.chunks)
+        attended = causal_softmax_attention(
+            q, k, v, self.attn_rate, keys(), self.chunks, segment_BxL
+        )
         y_BxLxD = layer_norm(q_in_BxLxD + self.out(attended.reshape(x_BxLxD.shape)), _LN_EPS)
         h_BxLxF = dropout(jax.nn.relu(self.ffn_in(y_BxLxD)), self.rate, keys())
         out_BxLxD = y_BxLxD + dropout(self.ffn_out(h_BxLxF), self.rate, keys())

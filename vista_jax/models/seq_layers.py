@@ -65,6 +65,23 @@ def causal_query_blocks(length: int, num_blocks: int) -> list[tuple[int, int]]:
     return [(start, min(length, start + size)) for start in range(0, length, size)]
 
 
+def segment_positions(segment_BxL: jax.Array) -> jax.Array:
+    """Each slot's index within its segment (packed rows, `sequences.pack_rows`): [B, L]."""
+    t_L = jnp.arange(segment_BxL.shape[1])
+    starts_BxL = jnp.concatenate(
+        [jnp.ones_like(segment_BxL[:, :1], bool), segment_BxL[:, 1:] != segment_BxL[:, :-1]], 1
+    )
+    return t_L - jax.lax.cummax(jnp.where(starts_BxL, t_L, 0), axis=1)
+
+
+def same_segment(segment_BxL, start: int, end: int, lo: int = 0):
+    """Queries start..end-1 against keys lo..end-1 of the same segment: bool [B, 1, T, M]
+    (all True without segments)."""
+    if segment_BxL is None:
+        return True
+    return (segment_BxL[:, start:end, None] == segment_BxL[:, None, lo:end])[:, None]
+
+
 def xavier_normal():
     return nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
 

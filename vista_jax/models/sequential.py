@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vista_jax.models import hstu, sasrec
-from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, param, xavier_normal
+from vista_jax.models.seq_layers import (
+    KeySplitter,
+    dropout,
+    l2_normalize,
+    param,
+    segment_positions,
+    xavier_normal,
+)
 
 KINDS = ("sasrec", "hstu", "vista")
 
@@ -138,9 +145,13 @@ class InputEmbedding(nnx.Module):
             x = x + self.actions[...][action]
         return x * self.scale
 
-    def __call__(self, item_BxL, valid_BxL, key, action_BxL=None):
+    def __call__(self, item_BxL, valid_BxL, key, action_BxL=None, segment_BxL=None):
         length = item_BxL.shape[1]
-        x_BxLxD = self.events(item_BxL, action_BxL) + self.positions[...][:length]
+        if segment_BxL is None:
+            position_BxLxD = self.positions[...][:length]
+        else:  # Packed rows: each user's positions count from its segment's start.
+            position_BxLxD = self.positions[...][segment_positions(segment_BxL)]
+        x_BxLxD = self.events(item_BxL, action_BxL) + position_BxLxD
         x_BxLxD = dropout(x_BxLxD, self.rate, key)
         return x_BxLxD * valid_BxL[..., None].astype(x_BxLxD.dtype)
 
@@ -163,16 +174,18 @@ class SequentialEncoder(nnx.Module):
 
     def __call__(
         self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None, dropout_key=None,
-        action_BxL=None,
+        action_BxL=None, segment_BxL=None,
     ):  # fmt: skip
+        """`segment_BxL`: rows packed by `sequences.pack_rows` (attention stays within a
+        segment, positions count from its start); None for one user per row."""
         keys = KeySplitter(dropout_key)
-        x_BxLxD = self.embed(item_BxL, valid_BxL, keys(), action_BxL)
+        x_BxLxD = self.embed(item_BxL, valid_BxL, keys(), action_BxL, segment_BxL)
         context = None
         if self.cfg.kind == "hstu":
             query_BxL = next_time_BxL if self.cfg.query_time == "next" else time_BxL
             context = hstu.time_buckets(query_BxL, time_BxL, self.cfg.num_time_buckets)
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, valid_BxL, context, keys)
+            x_BxLxD = block(x_BxLxD, valid_BxL, context, keys, segment_BxL)
         return l2_normalize(x_BxLxD, self.cfg.l2_eps), {"encoded": x_BxLxD}
 
     def encode_last(self, item_BxL, valid_BxL, time_BxL=None, next_time_BxL=None):
