@@ -61,14 +61,19 @@ CAPABILITIES = {
     RECENT_ONLY: Capabilities("ranker", True),
 }
 MODELS = list(CAPABILITIES)
+# The flags `check_flags` reads besides --model and --task (its keyword arguments).
+CHECKED_FLAGS = (
+    "prefix_len", "from_cache", "export_cache", "score_caches", "score_lags", "snapshot_every",
+)  # fmt: skip
 
 
 def check_flags(
     model: str,
     task: str,
-    prefix_len: int,
-    from_cache: str,
-    export_cache: str,
+    *,
+    prefix_len: int = 0,
+    from_cache: str = "",
+    export_cache: str = "",
     score_caches: list[str] = (),
     score_lags: list[str] = (),
     snapshot_every: int = 1,

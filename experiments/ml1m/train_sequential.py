@@ -264,9 +264,10 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     commit = fingerprints.git_commit()  # The code that runs, not HEAD at the end.
     # ==== data ================================================================================
     models.check_flags(
-        FLAGS.model, FLAGS.task, FLAGS.prefix_len, FLAGS.from_cache, FLAGS.export_cache,
-        FLAGS.score_caches, FLAGS.score_lags, FLAGS.snapshot_every,
-    )  # fmt: skip
+        FLAGS.model,
+        FLAGS.task,
+        **{k: getattr(FLAGS, k) for k in models.CHECKED_FLAGS},
+    )
     kind = "movielens_1m" if FLAGS.data == "ml-1m" else "recbole_atomic"
     event_log = load_event_log(kind, os.path.join(FLAGS.data_dir, FLAGS.data))
     ranking = FLAGS.task == "ranking"
