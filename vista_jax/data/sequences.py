@@ -249,7 +249,7 @@ def pack_rows(batch: Batch, capacity: int | None = None) -> Batch:
     numbers the users of a packed row 1, 2, ... (0 = padding) and the encoders mask attention
     across segments and read positions from segment starts, so every supervised position sees
     exactly what it saw unpacked, and the loss covers the same positions: the reference's
-    jagged batches, with static shapes. On ML-1M, 128 rows pack into about 70. Every key must
+    jagged batches, with static shapes. On ML-1M, 128 rows pack into about 74. Every key must
     be per position ([B, W]); the result has `capacity` rows (default: the rows needed,
     rounded by `packed_rows_capacity`). Raises ValueError when the rows do not fit.
     """
