@@ -22,9 +22,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from vista_jax.data import sequences
 from vista_jax.models.sequential import SequentialEncoder
 from vista_jax.quantize import decode
 from vista_jax.train import TrainState, init_train_state  # noqa: F401  (one train state)
@@ -156,8 +158,7 @@ def _pack_positions(user_BxLxD, target_BxL, capacity: int):
 
 def position_capacity(num_positions: int, batch_positions: int, buckets: int = 8) -> int:
     """`num_positions` rounded up to a multiple of batch_positions / buckets (few compiles)."""
-    step = -(-batch_positions // buckets)
-    return min(batch_positions, max(step, -(-num_positions // step) * step))
+    return sequences.bucketed_capacity(num_positions, batch_positions, buckets)
 
 
 # -- catalog scoring --------------------------------------------------------------------------
@@ -233,6 +234,25 @@ def make_train_step(
         )
 
     return keyed_train_step(tx, loss_of)
+
+
+class CapacitySteps:
+    """steps(batch) -> the jitted, state-donating `make_train_step` for the batch's count of
+    supervised positions rounded by `position_capacity`, compiled once per capacity
+    (`compiled` maps each capacity to its step)."""
+
+    def __init__(self, graphdef, tx, batch_positions: int, **loss_kwargs):
+        self._make = functools.partial(make_train_step, graphdef, tx, **loss_kwargs)
+        self.batch_positions = batch_positions
+        self.compiled: dict[int, Callable] = {}
+
+    def __call__(self, batch) -> Callable:
+        count = int(np.sum(batch["target"] > 0))
+        capacity = position_capacity(count, self.batch_positions)
+        if capacity not in self.compiled:
+            step = self._make(max_positions=capacity)
+            self.compiled[capacity] = jax.jit(step, donate_argnums=0)
+        return self.compiled[capacity]
 
 
 def keyed_train_step(tx: optax.GradientTransformation, loss_of: Callable) -> Callable:

@@ -69,10 +69,10 @@ def synthetic_batch(batch: int, window: int, num_items: int, seed: int = 0):
 
 def ml1m_batches(data_dir: str, window: int, batch: int, steps: int):
     """(num_items, the first `steps` shuffled batches of ML-1M train rows, as trained on)."""
-    log_ = load_event_log("movielens_1m", os.path.join(data_dir, "ml-1m"))
-    train = sequences.from_event_log(log_, window).train
+    event_log = load_event_log("movielens_1m", os.path.join(data_dir, "ml-1m"))
+    train = sequences.from_event_log(event_log, window).train
     batches = sequences.train_batches(train, batch, np.random.default_rng(0))
-    return log_.num_items, [next(batches) for _ in range(steps)]
+    return event_log.num_items, [next(batches) for _ in range(steps)]
 
 
 def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bool) -> dict:
@@ -81,18 +81,14 @@ def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bo
     cfg = preset(name, num_items, d_model=FLAGS.d_model, max_len=FLAGS.window)
     tx = retrieval.make_optimizer()
     graphdef, state = retrieval.init_train_state(build_encoder(cfg, nnx.Rngs(0)), tx)
-    steps = {}
+    step_for = retrieval.CapacitySteps(
+        graphdef, tx, FLAGS.batch * FLAGS.window, num_negatives=FLAGS.num_negatives,
+        sampling=sampling,
+    )  # fmt: skip
 
     def prepared(batch):
         batch = sequences.pack_rows(batch) if pack and CAPABILITIES[name].packs else batch
-        count = int(np.sum(batch["target"] > 0))
-        capacity = retrieval.position_capacity(count, FLAGS.batch * FLAGS.window)
-        if capacity not in steps:
-            make = retrieval.make_train_step(
-                graphdef, tx, FLAGS.num_negatives, sampling=sampling, max_positions=capacity
-            )
-            steps[capacity] = jax.jit(make, donate_argnums=0)
-        return steps[capacity], {k: jnp.asarray(v) for k, v in batch.items()}
+        return step_for(batch), {k: jnp.asarray(v) for k, v in batch.items()}
 
     key = jax.random.key(0)
     work = [prepared(b) for b in batches]

@@ -334,20 +334,16 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     # ==== steps: retrieval, one jitted step per packed-position capacity; ranking, one ======
-    steps = {}
-
-    def step_for(batch):
-        if ranking:  # Every position of a row is read anyway: nothing to pack.
-            capacity, make = None, lambda: sequential_ranking.make_train_step(graphdef, tx)
-        else:
-            count = int(np.sum(batch["target"] > 0))
-            capacity = retrieval.position_capacity(count, batch_positions)
-            make = lambda: retrieval.make_train_step(  # noqa: E731
-                graphdef, tx, FLAGS.num_negatives, FLAGS.temperature, FLAGS.sampling, capacity
-            )
-        if capacity not in steps:
-            steps[capacity] = jax.jit(make(), donate_argnums=0)
-        return steps[capacity]
+    if ranking:  # Every position of a row is read anyway: nothing to pack.
+        ranking_step = jax.jit(sequential_ranking.make_train_step(graphdef, tx), donate_argnums=0)
+        steps = {None: ranking_step}
+        step_for = lambda batch: ranking_step  # noqa: E731
+    else:
+        step_for = retrieval.CapacitySteps(
+            graphdef, tx, FLAGS.batch_size * FLAGS.window, num_negatives=FLAGS.num_negatives,
+            temperature=FLAGS.temperature, sampling=FLAGS.sampling,
+        )  # fmt: skip
+        steps = step_for.compiled
 
     make_score_fn = sequential_ranking.make_logits_fn if ranking else retrieval.make_score_fn
     score_fn = jax.jit(make_score_fn(graphdef))
@@ -365,7 +361,6 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         int8_score_fn = jax.jit(make_score_fn(nnx.split(quantized, nnx.Param)[0]))
     key = jax.random.key(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
-    batch_positions = FLAGS.batch_size * FLAGS.window
     packing = FLAGS.pack_rows and can.packs and not ranking
     # ==== loop ================================================================================
     evals, epoch_seconds, epoch, first = [], [], 0, 1

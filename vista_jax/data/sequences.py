@@ -236,10 +236,16 @@ def train_batches(split: Batch, batch_size: int, rng: np.random.Generator) -> It
         yield _padded(split, order[start : start + batch_size], batch_size)
 
 
-def packed_rows_capacity(num_rows: int, batch_size: int, buckets: int = 16) -> int:
-    """`num_rows` rounded up to a multiple of batch_size / buckets (few compiled shapes)."""
-    step = -(-batch_size // buckets)
-    return min(batch_size, max(step, -(-num_rows // step) * step))
+def bucketed_capacity(count: int, full: int, buckets: int) -> int:
+    """`count` rounded up to a multiple of full / buckets, at most `full`: a static size
+    (rows, positions) that takes few distinct values, so few shapes are compiled."""
+    step = -(-full // buckets)
+    return min(full, max(step, -(-count // step) * step))
+
+
+def packed_rows_capacity(num_rows: int, batch_size: int) -> int:
+    """Rows of a packed batch: `num_rows` rounded up to a multiple of batch_size / 16."""
+    return bucketed_capacity(num_rows, batch_size, 16)
 
 
 def pack_rows(batch: Batch, capacity: int | None = None) -> Batch:
