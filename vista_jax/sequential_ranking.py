@@ -27,7 +27,7 @@ tokens; last R events]`) scores the rows through `PositionSummaryRanker`, readin
 summaries a source retriever exported to the summary store (`retrieval_cache.attach`):
 position p reads the K tokens of snapshot (p + 1) // S, as the retriever does, and the last
 R window events up to p; each position is the request form's `Ranker` on those inputs
-(tested).
+(tested), the summary tokens' keys and values computed once per snapshot, not per position.
 
 Dimension letters: B rows, L positions, D width, P prefix events, J snapshots, K summary
 tokens, R recent events.
@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vista_jax.models.layers import attention_logits, masked_softmax
 from vista_jax.models.seq_layers import l2_normalize
 from vista_jax.retrieval import batch_inputs, extra_inputs, fast_key, keyed_train_step
 
@@ -171,15 +172,55 @@ class PositionSummaryRanker(nnx.Module):
             "cand_item": batch["target"].reshape(n, 1),
             "cand_category": batch["target_category"].reshape(n, 1),
         }
-        if self.ranker.cfg.use_summaries:
-            summary_BxJxKxD = extra_inputs(batch)["summary_BxJxKxD"]
-            snapshot_L = (jnp.arange(length) + 1) // self.snapshot_every - self.summary_lag
-            snapshot_L = jnp.maximum(snapshot_L, 0)  # Before the row: the prefix's snapshot.
-            summary_BxLxKxD = summary_BxJxKxD[:, snapshot_L]
-            requests["summary"] = summary_BxLxKxD.reshape((n,) + summary_BxLxKxD.shape[2:])
-            requests["summary_mask"] = jnp.ones((n,), bool)
-        logits, _ = self.ranker(requests)
-        return logits.reshape(b, length)
+        if not self.ranker.cfg.use_summaries:
+            logits, _ = self.ranker(requests)
+            return logits.reshape(b, length)
+        return self._with_summaries(batch, requests).reshape(b, length)
+
+    def _with_summaries(self, batch, requests):
+        """`Ranker` at every position, its summary tokens' keys and values computed once per
+        snapshot, not once per position: positions p with (p + 1) // S = j all read snapshot
+        j (minus the lag), so each such block of S positions meets its snapshot's K tokens in
+        one batched product. One softmax over the null token, the R events and the K tokens,
+        as the request form. Logits [B * L, 1]."""
+        ranker, every = self.ranker, self.snapshot_every
+        b, length = batch["item"].shape
+        j = length // every + 1  # Blocks; position p sits at slot p + 1 of them.
+        read_J = jnp.maximum(jnp.arange(j) - self.summary_lag, 0)
+        summary = ranker.summary_tokens(extra_inputs(batch)["summary_BxJxKxD"][:, read_J])
+        summary_BJxKxD = summary.reshape((b * j,) + summary.shape[2:])
+
+        def blocks(x_BxLx):  # [B, L, ...] -> [B * J, S, ...]
+            pad = [(0, 0), (1, j * every - length - 1)] + [(0, 0)] * (x_BxLx.ndim - 2)
+            return jnp.pad(x_BxLx, pad).reshape((b * j, every) + x_BxLx.shape[2:])
+
+        def positions(x_BJxSx):  # `blocks` undone: -> [B * L, ...]
+            x = x_BJxSx.reshape((b, j * every) + x_BJxSx.shape[2:])[:, 1 : length + 1]
+            return x.reshape((b * length,) + x.shape[2:])
+
+        cand_NxCxD = ranker.candidates(requests)  # N = B * L requests, C = 1 candidate each
+        rest_NxMxD, rest_valid_NxM = ranker.recent_context(requests)  # M = 1 + R
+        k_tokens = summary.shape[2]
+        valid = jnp.pad(rest_valid_NxM, [(0, 0), (0, k_tokens)], constant_values=True)
+        x = cand_NxCxD
+        for block in ranker.blocks:
+            q_NxCxHxE = block.queries(x)
+            k_NxMxHxE, v_NxMxHxE = block.keys_values(rest_NxMxD)
+            k_BJxKxHxE, v_BJxKxHxE = block.keys_values(summary_BJxKxD)
+            q_BJxSxHxE = blocks(q_NxCxHxE.reshape((b, length) + q_NxCxHxE.shape[2:]))
+            summary_logits = attention_logits(q_BJxSxHxE, k_BJxKxHxE)  # [B * J, H, S, K]
+            summary_logits_NxHxK = positions(jnp.swapaxes(summary_logits, 1, 2))
+            logits_NxHxCxMK = jnp.concatenate(
+                [attention_logits(q_NxCxHxE, k_NxMxHxE), summary_logits_NxHxK[:, :, None]], -1
+            )
+            weights = masked_softmax(logits_NxHxCxMK, valid[:, None, None, :])
+            m = rest_valid_NxM.shape[1]
+            attended_NxCxHxE = jnp.einsum("bhqm,bmhe->bqhe", weights[..., :m], v_NxMxHxE)
+            w_BxLxHxK = weights[:, :, 0, m:].reshape((b, length) + weights.shape[1:2] + (-1,))
+            from_summary = jnp.einsum("bshk,bkhe->bshe", blocks(w_BxLxHxK), v_BJxKxHxE)
+            attended_NxCxHxE += positions(from_summary)[:, None]
+            x = block.finish(x, attended_NxCxHxE)
+        return ranker.head(cand_NxCxD, x)
 
 
 def stale_inexact(start_B, scored_BxL, snapshot_every: int, summary_lag: int) -> int:

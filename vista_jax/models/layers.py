@@ -68,9 +68,18 @@ class EventEmbedding(nnx.Module):
         return self.items(item, category) + self.action(action) + self.gap(gap)
 
 
+def attention_logits(q, k) -> jax.Array:
+    """Scaled dot products: q [B,Q,H,E], k [B,M,H,E] -> [B,H,Q,M]."""
+    return jnp.einsum("bqhe,bmhe->bhqm", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+
+
+def masked_softmax(logits, mask) -> jax.Array:
+    """Softmax over the last axis where `mask` holds; a row with no allowed entry -> 0."""
+    weights = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+    return weights * jnp.any(mask, axis=-1, keepdims=True)
+
+
 def masked_softmax_attention(q, k, v, mask) -> jax.Array:
     """q [B,Q,H,E], k/v [B,M,H,E], mask broadcastable to [B,H,Q,M]; rows with no key -> 0."""
-    logits = jnp.einsum("bqhe,bmhe->bhqm", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    logits = jnp.where(mask, logits, -1e30)
-    weights = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+    weights = masked_softmax(attention_logits(q, k), mask)
     return jnp.einsum("bhqm,bmhe->bqhe", weights, v)

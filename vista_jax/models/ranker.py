@@ -36,13 +36,24 @@ class CrossAttentionBlock(nnx.Module):
     def _heads(self, x):
         return x.reshape(x.shape[:-1] + (self.num_heads, -1))
 
-    def __call__(self, cand_BxCxD, context_BxNxD, context_valid_BxN):
-        q = self._heads(self.query(self.q_norm(cand_BxCxD)))
+    def queries(self, cand_BxCxD):  # -> [B, C, H, E]
+        return self._heads(self.query(self.q_norm(cand_BxCxD)))
+
+    def keys_values(self, context_BxNxD):  # -> k, v [B, N, H, E]; any leading dims
         ctx = self.kv_norm(context_BxNxD)
-        k, v = self._heads(self.key(ctx)), self._heads(self.value(ctx))
-        o = masked_softmax_attention(q, k, v, context_valid_BxN[:, None, None, :])
-        x = cand_BxCxD + self.out(o.reshape(cand_BxCxD.shape))
+        return self._heads(self.key(ctx)), self._heads(self.value(ctx))
+
+    def finish(self, cand_BxCxD, attended_BxCxHxE):
+        """Residual around the attention output's projection, then around the MLP."""
+        x = cand_BxCxD + self.out(attended_BxCxHxE.reshape(cand_BxCxD.shape))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+    def __call__(self, cand_BxCxD, context_BxNxD, context_valid_BxN):
+        k, v = self.keys_values(context_BxNxD)
+        mask = context_valid_BxN[:, None, None, :]
+        return self.finish(
+            cand_BxCxD, masked_softmax_attention(self.queries(cand_BxCxD), k, v, mask)
+        )
 
 
 class Ranker(nnx.Module):
@@ -65,8 +76,12 @@ class Ranker(nnx.Module):
         self.head_in = dense(2 * d, cfg.mlp_hidden, ("embed", "mlp"), rngs)
         self.head_out = dense(cfg.mlp_hidden, 1, ("mlp", None), rngs)
 
-    def context(self, batch) -> tuple[jax.Array, jax.Array]:
-        """Keys/values [B, 1 + K + R, D] and their validity."""
+    def summary_tokens(self, summary_xKxS) -> jax.Array:
+        """Context tokens of summaries [..., K, summary_dim] -> [..., K, D]."""
+        return self.summary_proj(summary_xKxS) + self.token_type[1]
+
+    def recent_context(self, batch) -> tuple[jax.Array, jax.Array]:
+        """The null token and the last R events: tokens [B, 1 + R, D] and their validity."""
         recent = self.events(
             batch["recent_item"],
             batch["recent_action"],
@@ -74,26 +89,36 @@ class Ranker(nnx.Module):
             batch.get("recent_category"),
         )
         recent = recent + self.recent_position[...] + self.token_type[2]
-        r = recent.shape[1]
-        recent_valid = jnp.arange(r)[None] < batch["recent_len"][:, None]
-        b = recent.shape[0]
+        b, r = recent.shape[:2]
         null = jnp.broadcast_to(self.token_type[0], (b, 1, recent.shape[-1]))
-        parts, valid = [null], [jnp.ones((b, 1), bool)]
-        if self.cfg.use_summaries:
-            summary = self.summary_proj(batch["summary"]) + self.token_type[1]
-            parts.append(summary)
-            valid.append(jnp.broadcast_to(batch["summary_mask"][:, None], summary.shape[:2]))
-        parts.append(recent)
-        valid.append(recent_valid)
-        return jnp.concatenate(parts, 1), jnp.concatenate(valid, 1)
+        valid = jnp.arange(r)[None] < batch["recent_len"][:, None]
+        return (jnp.concatenate([null, recent], 1),
+                jnp.concatenate([jnp.ones((b, 1), bool), valid], 1))  # fmt: skip
+
+    def context(self, batch) -> tuple[jax.Array, jax.Array]:
+        """Keys/values [B, 1 + K + R, D] (null token, summary tokens, recent events) and
+        their validity."""
+        tokens, valid = self.recent_context(batch)
+        if not self.cfg.use_summaries:
+            return tokens, valid
+        summary = self.summary_tokens(batch["summary"])
+        summary_valid = jnp.broadcast_to(batch["summary_mask"][:, None], summary.shape[:2])
+        return (jnp.concatenate([tokens[:, :1], summary, tokens[:, 1:]], 1),
+                jnp.concatenate([valid[:, :1], summary_valid, valid[:, 1:]], 1))  # fmt: skip
+
+    def candidates(self, batch) -> jax.Array:  # [B, C, D]
+        return self.events.items(batch["cand_item"], batch.get("cand_category"))
+
+    def head(self, cand_BxCxD, attended_BxCxD) -> jax.Array:
+        """Logits [B, C] from each candidate and what it attended to."""
+        features = self.head_norm(jnp.concatenate([cand_BxCxD, attended_BxCxD], axis=-1))
+        return self.head_out(jax.nn.gelu(self.head_in(features)))[..., 0]
 
     def __call__(self, batch):
         """Logits [B, C] for `batch["cand_item"]` (and `cand_category`) and aux outputs."""
-        cand = self.events.items(batch["cand_item"], batch.get("cand_category"))
+        cand = self.candidates(batch)
         context, context_valid = self.context(batch)
         x = cand
         for block in self.blocks:
             x = block(x, context, context_valid)
-        features = self.head_norm(jnp.concatenate([cand, x], axis=-1))
-        logits = self.head_out(jax.nn.gelu(self.head_in(features)))[..., 0]
-        return logits, {"attended": x}
+        return self.head(cand, x), {"attended": x}
