@@ -159,19 +159,25 @@ class PositionSummaryRanker(nnx.Module):
         self.ranker, self.snapshot_every = ranker, snapshot_every
         self.summary_lag = summary_lag  # Snapshots behind the freshest (staleness ablation).
 
-    def __call__(self, batch, dropout_key=None):
-        del dropout_key  # The ranker has no dropout.
+    def requests(self, batch) -> dict:
+        """Every position of the rows as a request of the `Ranker` ([B * L] leading), its
+        candidate and last R events; not its summary (`__call__` reads the snapshots)."""
         b, length = batch["item"].shape
         recent = position_recent(batch, self.ranker.cfg.num_recent)
         n = b * length
         requests = {
             k: v.reshape((n,) + v.shape[2:]) for k, v in recent.items() if k != "recent_len"
         }
-        requests |= {
+        return requests | {
             "recent_len": jnp.broadcast_to(recent["recent_len"], (b, length)).reshape(n),
             "cand_item": batch["target"].reshape(n, 1),
             "cand_category": batch["target_category"].reshape(n, 1),
         }
+
+    def __call__(self, batch, dropout_key=None):
+        del dropout_key  # The ranker has no dropout.
+        b, length = batch["item"].shape
+        requests = self.requests(batch)
         if not self.ranker.cfg.use_summaries:
             logits, _ = self.ranker(requests)
             return logits.reshape(b, length)
