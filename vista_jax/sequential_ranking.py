@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 from vista_jax.models.layers import attention_logits, masked_softmax
-from vista_jax.models.seq_layers import l2_normalize
+from vista_jax.models.seq_layers import from_snapshot_blocks, l2_normalize, snapshot_blocks
 from vista_jax.retrieval import batch_inputs, extra_inputs, fast_key, keyed_train_step
 
 
@@ -191,17 +191,17 @@ class PositionSummaryRanker(nnx.Module):
         as the request form. Logits [B * L, 1]."""
         ranker, every = self.ranker, self.snapshot_every
         b, length = batch["item"].shape
-        j = length // every + 1  # Blocks; position p sits at slot p + 1 of them.
+        j = length // every + 1
         read_J = jnp.maximum(jnp.arange(j) - self.summary_lag, 0)
         summary = ranker.summary_tokens(extra_inputs(batch)["summary_BxJxKxD"][:, read_J])
         summary_BJxKxD = summary.reshape((b * j,) + summary.shape[2:])
 
         def blocks(x_BxLx):  # [B, L, ...] -> [B * J, S, ...]
-            pad = [(0, 0), (1, j * every - length - 1)] + [(0, 0)] * (x_BxLx.ndim - 2)
-            return jnp.pad(x_BxLx, pad).reshape((b * j, every) + x_BxLx.shape[2:])
+            x = snapshot_blocks(x_BxLx, every, j)
+            return x.reshape((b * j,) + x.shape[2:])
 
         def positions(x_BJxSx):  # `blocks` undone: -> [B * L, ...]
-            x = x_BJxSx.reshape((b, j * every) + x_BJxSx.shape[2:])[:, 1 : length + 1]
+            x = from_snapshot_blocks(x_BJxSx.reshape((b, j) + x_BJxSx.shape[1:]), length)
             return x.reshape((b * length,) + x.shape[2:])
 
         cand_NxCxD = ranker.candidates(requests)  # N = B * L requests, C = 1 candidate each

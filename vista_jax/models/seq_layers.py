@@ -65,6 +65,24 @@ def causal_query_blocks(length: int, num_blocks: int) -> list[tuple[int, int]]:
     return [(start, min(length, start + size)) for start in range(0, length, size)]
 
 
+def snapshot_blocks(x: jax.Array, every: int, num_snapshots: int, axis: int = 1) -> jax.Array:
+    """Positions (along `axis`) grouped by the snapshot they read: position t reads snapshot
+    (t + 1) // S, so it sits at slot t + 1 of J zero-padded blocks of S; `axis` becomes two
+    axes [J, S]. A reader of snapshot summaries then meets each snapshot's K tokens with the
+    S positions that read them in one batched product (L x K scores, not L x J x K)."""
+    length = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, num_snapshots * every - length - 1)
+    x = jnp.pad(x, pad)
+    return x.reshape(x.shape[:axis] + (num_snapshots, every) + x.shape[axis + 1 :])
+
+
+def from_snapshot_blocks(x: jax.Array, length: int, axis: int = 1) -> jax.Array:
+    """`snapshot_blocks` undone: the [J, S] axes at `axis` back to L positions."""
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 1, length + 1, axis=axis)
+
+
 def segment_positions(segment_BxL: jax.Array) -> jax.Array:
     """Each slot's index within its segment (packed rows, `sequences.pack_rows`): [B, L]."""
     t_L = jnp.arange(segment_BxL.shape[1])

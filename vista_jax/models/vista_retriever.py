@@ -36,7 +36,15 @@ from vista_jax.config import SummarizerConfig
 from vista_jax.models import hstu, qla
 from vista_jax.models.layers import rms_norm
 from vista_jax.models.sasrec import _LN_EPS, SASRecBlock
-from vista_jax.models.seq_layers import KeySplitter, dropout, l2_normalize, layer_norm, param
+from vista_jax.models.seq_layers import (
+    KeySplitter,
+    dropout,
+    from_snapshot_blocks,
+    l2_normalize,
+    layer_norm,
+    param,
+    snapshot_blocks,
+)
 from vista_jax.models.summarizer import SummarizerLayer
 from vista_jax.quantize import dequantize_int8, quantize_int8
 
@@ -88,14 +96,12 @@ class SummaryHSTUBlock(hstu.HSTUBlock):
 
     def summary_attention(self, q_BxHxLxE, k_BxHxJxKxE, v_BxHxJxKxE) -> jax.Array:
         """Position t reads snapshot (t+1)//S: shift queries by one, cut into J blocks of S."""
-        b, h, length, e = q_BxHxLxE.shape
-        j, every = k_BxHxJxKxE.shape[2], self.snapshot_every
-        pad = ((0, 0), (0, 0), (1, j * every - length - 1), (0, 0))
-        q_BxHxJxSxE = jnp.pad(q_BxHxLxE, pad).reshape(b, h, j, every, e)
+        j, length = k_BxHxJxKxE.shape[2], q_BxHxLxE.shape[2]
+        q_BxHxJxSxE = snapshot_blocks(q_BxHxLxE, self.snapshot_every, j, axis=2)
         scores = jnp.einsum("bhjse,bhjke->bhjsk", q_BxHxJxSxE, k_BxHxJxKxE)
         weights = jax.nn.silu(scores + self.summary_bias[...]) / self.max_len
         out = jnp.einsum("bhjsk,bhjke->bhjse", weights, v_BxHxJxKxE)
-        return out.reshape(b, h, j * every, e)[:, :, 1 : length + 1]
+        return from_snapshot_blocks(out, length, axis=2)
 
     def __call__(self, x_BxLxD, summary_BxJxKxD, buckets_BxLxL, keys):
         u, v, q, k = self.split_projection(x_BxLxD)
