@@ -76,9 +76,9 @@ class Ranker(nnx.Module):
         self.head_in = dense(2 * d, cfg.mlp_hidden, ("embed", "mlp"), rngs)
         self.head_out = dense(cfg.mlp_hidden, 1, ("mlp", None), rngs)
 
-    def summary_tokens(self, summary_xKxS) -> jax.Array:
+    def summary_tokens(self, summary) -> jax.Array:
         """Context tokens of summaries [..., K, summary_dim] -> [..., K, D]."""
-        return self.summary_proj(summary_xKxS) + self.token_type[1]
+        return self.summary_proj(summary) + self.token_type[1]
 
     def recent_context(self, batch) -> tuple[jax.Array, jax.Array]:
         """The null token and the last R events: tokens [B, 1 + R, D] and their validity."""
