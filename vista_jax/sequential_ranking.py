@@ -181,16 +181,15 @@ class PositionSummaryRanker(nnx.Module):
         if not self.ranker.cfg.use_summaries:
             logits, _ = self.ranker(requests)
             return logits.reshape(b, length)
-        return self._with_summaries(batch, requests).reshape(b, length)
+        return self._with_summaries(batch, requests, b, length).reshape(b, length)
 
-    def _with_summaries(self, batch, requests):
+    def _with_summaries(self, batch, requests, b: int, length: int):
         """`Ranker` at every position, its summary tokens' keys and values computed once per
         snapshot, not once per position: positions p with (p + 1) // S = j all read snapshot
         j (minus the lag), so each such block of S positions meets its snapshot's K tokens in
         one batched product. One softmax over the null token, the R events and the K tokens,
         as the request form. Logits [B * L, 1]."""
         ranker, every = self.ranker, self.snapshot_every
-        b, length = batch["item"].shape
         j = length // every + 1
         read_J = jnp.maximum(jnp.arange(j) - self.summary_lag, 0)
         summary = ranker.summary_tokens(extra_inputs(batch)["summary_BxJxKxD"][:, read_J])
@@ -206,7 +205,7 @@ class PositionSummaryRanker(nnx.Module):
 
         cand_NxCxD = ranker.candidates(requests)  # N = B * L requests, C = 1 candidate each
         rest_NxMxD, rest_valid_NxM = ranker.recent_context(requests)  # M = 1 + R
-        k_tokens = summary.shape[2]
+        m, k_tokens = rest_valid_NxM.shape[1], summary.shape[2]
         valid = jnp.pad(rest_valid_NxM, [(0, 0), (0, k_tokens)], constant_values=True)
         x = cand_NxCxD
         for block in ranker.blocks:
@@ -220,7 +219,6 @@ class PositionSummaryRanker(nnx.Module):
                 [attention_logits(q_NxCxHxE, k_NxMxHxE), summary_logits_NxHxK[:, :, None]], -1
             )
             weights = masked_softmax(logits_NxHxCxMK, valid[:, None, None, :])
-            m = rest_valid_NxM.shape[1]
             attended_NxCxHxE = jnp.einsum("bhqm,bmhe->bqhe", weights[..., :m], v_NxMxHxE)
             w_BxLxHxK = weights[:, :, 0, m:].reshape((b, length) + weights.shape[1:2] + (-1,))
             from_summary = jnp.einsum("bshk,bkhe->bshe", blocks(w_BxLxHxK), v_BJxKxHxE)
