@@ -19,12 +19,15 @@ it times (compiles excluded), then timed with block_until_ready:
 
 `per_row` sampling (128 negatives shared by a row's positions; not the reference) is timed on
 full windows with `--sampling=per_position,per_row`. A matmul calibration measured in the
-same run says how busy this shared machine was. Prints progress to stderr and one JSON
-object as the last stdout line.
+same run says how busy this shared machine was. `sampled_softmax` says where a step's time
+goes: each model's loss timed alone on the same positions (forward and backward), its share
+of the step, and the least time its three [positions, items] x D products need at the
+run's matmul rate. Prints progress to stderr and one JSON object as the last stdout line.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -103,16 +106,68 @@ def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bo
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - t0) / len(work)
     rows = [len(b["item"]) for _, b in work]
+    loss_s, loss_flops = time_loss([b for _, b in work], num_items, sampling)
     out = {
         "sequences_per_second": FLAGS.batch / step_s,
         "step_ms": 1000 * step_s,
         "warmup_and_compile_s": warmup_s,
         "mean_rows_per_step": float(np.mean(rows)),
         "loss": float(m["loss"]),
+        # The step's sampled softmax alone (forward and backward, same positions and
+        # negatives' shapes, random user vectors), and its share of the step.
+        "sampled_softmax_ms": 1000 * loss_s,
+        "sampled_softmax_share": loss_s / step_s,
+        "sampled_softmax_gflop": loss_flops / 1e9,
     }
     rate = out["sequences_per_second"]
-    log(f"{name:>10} {sampling:>12}: {out['step_ms']:.0f} ms/step, {rate:.0f} seq/s")
+    log(f"{name:>10} {sampling:>12}: {out['step_ms']:.0f} ms/step, {rate:.0f} seq/s "
+        f"(sampled softmax {out['sampled_softmax_ms']:.0f} ms)")  # fmt: skip
     return out
+
+
+def time_loss(batches: list, num_items: int, sampling: str) -> tuple[float, float]:
+    """(seconds, FLOPs) per step of `retrieval.sampled_softmax_loss`'s value and gradient (user
+    vectors and item table) on each batch's targets, as the step calls it: per_position
+    negatives go through `sampled_logits`, whose forward and backward are three [N, I] x D
+    products over the N packed positions (the FLOPs counted: the loss cannot run faster than
+    they do at the machine's matmul rate)."""
+    dim, capacity_of = (
+        FLAGS.d_model,
+        functools.partial(retrieval.position_capacity, batch_positions=FLAGS.batch * FLAGS.window),
+    )
+    items = jax.random.normal(jax.random.key(1), (num_items + 1, dim))
+    items = items / jnp.linalg.norm(items, axis=-1, keepdims=True)
+    work, flops = [], 0.0
+    for batch in batches:
+        target = batch["target"]
+        capacity = capacity_of(int(jnp.sum(target > 0)))
+        user = jax.random.normal(jax.random.key(2), target.shape + (dim,)) / np.sqrt(dim)
+        work.append((capacity, user, target))
+        if sampling == "per_position":  # [N, I] logits; backward: [N, I] x D twice.
+            flops += 6 * capacity * (num_items + 1) * dim
+        else:  # The row's R negatives against its L positions, forward and backward.
+            flops += 6 * target.size * FLAGS.num_negatives * dim
+    grads = {}
+
+    def grad_of(capacity):
+        if capacity not in grads:
+            loss = functools.partial(
+                retrieval.sampled_softmax_loss, num_negatives=FLAGS.num_negatives,
+                sampling=sampling, max_positions=capacity,
+            )  # fmt: skip
+            value = lambda u, t, i, k: loss(u, t, i, k)[0]  # noqa: E731
+            grads[capacity] = jax.jit(jax.value_and_grad(value, argnums=(0, 2)))
+        return grads[capacity]
+
+    key = retrieval.fast_key(jax.random.key(0))
+    for capacity, user, target in work:  # Compile and warm up.
+        out = grad_of(capacity)(user, target, items, key)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for capacity, user, target in work:
+        out = grad_of(capacity)(user, target, items, key)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / len(work), flops / len(work)
 
 
 def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
@@ -170,6 +225,17 @@ def main(argv):
         "full_window_sequences_per_second": rates(results["full/per_position"]),
         "details": results,
         "calibration": calibration,
+    }
+    # Where a step's time goes: the loss alone, and the least its matmuls need at the best
+    # matmul rate of this run (the encoder gets the rest).
+    best_gflops = max(calibration["matmul_gflops_before"], calibration["matmul_gflops_after"])
+    summary["sampled_softmax"] = {
+        m: {
+            "ms": round(r["sampled_softmax_ms"], 1),
+            "share_of_step": round(r["sampled_softmax_share"], 3),
+            "matmul_bound_ms": round(r["sampled_softmax_gflop"] / best_gflops * 1000, 1),
+        }
+        for m, r in results[f"{headline}/per_position"].items()
     }
     if "ml1m_unpacked/per_position" in results:
         summary["ml1m_unpacked_sequences_per_second"] = rates(results["ml1m_unpacked/per_position"])
