@@ -37,6 +37,26 @@ def as_int32(batch):
     return {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
 
+def segments(packed, batch):
+    """(row, columns, user) of every segment of the packed rows: the user whose events (and
+    count) the segment holds, each user matched once."""
+    lengths, used, out = np.sum(batch["item"] > 0, 1), set(), []
+    seg = packed["segment"]
+    for r in range(len(seg)):
+        for s in range(1, seg[r].max() + 1):
+            cols = np.flatnonzero(seg[r] == s)
+            u = next(
+                (u for u, n in enumerate(lengths)
+                 if u not in used and n == len(cols)
+                 and np.array_equal(batch["item"][u, :n], packed["item"][r, cols])),
+                None,
+            )  # fmt: skip
+            assert u is not None, f"segment {s} of packed row {r} is no user's events"
+            used.add(u)
+            out.append((r, cols, u))
+    return out
+
+
 def test_packing_keeps_every_event_in_order_within_its_segment():
     batch = as_int32(rows())
     packed = sequences.pack_rows(batch)
@@ -46,19 +66,11 @@ def test_packing_keeps_every_event_in_order_within_its_segment():
     seg = packed["segment"]
     assert np.sum(seg > 0) == sum(LENGTHS)
     found = []
-    for r in range(len(seg)):
-        for s in range(1, seg[r].max() + 1):
-            cols = np.flatnonzero(seg[r] == s)
-            assert np.all(np.diff(cols) == 1)  # Contiguous.
-            matches = [
-                u for u, n in enumerate(LENGTHS)
-                if n == len(cols) and np.array_equal(batch["item"][u, :n], packed["item"][r, cols])
-            ]  # fmt: skip
-            assert matches, (r, s)
-            u = matches[0]
-            for k in batch:
-                np.testing.assert_array_equal(packed[k][r, cols], batch[k][u, : len(cols)])
-            found.append(u)
+    for r, cols, u in segments(packed, batch):
+        assert np.all(np.diff(cols) == 1)  # Contiguous.
+        for k in batch:
+            np.testing.assert_array_equal(packed[k][r, cols], batch[k][u, : len(cols)])
+        found.append(u)
     assert sorted(found) == [u for u, n in enumerate(LENGTHS) if n]
     np.testing.assert_array_equal(
         segment_positions(jnp.asarray(seg))[0], np.arange(WIDTH)
@@ -87,19 +99,8 @@ def encoder(name):
 def unpack(packed_BxLxD, packed, batch):
     """Per-user [U, W, D] outputs read back from packed rows (zeros at padding)."""
     out = np.zeros(batch["item"].shape + packed_BxLxD.shape[-1:], np.float32)
-    seg = packed["segment"]
-    lengths = np.sum(batch["item"] > 0, 1)
-    used = set()
-    for r in range(len(seg)):
-        for s in range(1, seg[r].max() + 1):
-            cols = np.flatnonzero(seg[r] == s)
-            u = next(
-                u for u, n in enumerate(lengths)
-                if u not in used and n == len(cols)
-                and np.array_equal(batch["item"][u, :n], packed["item"][r, cols])
-            )  # fmt: skip
-            used.add(u)
-            out[u, : len(cols)] = np.asarray(packed_BxLxD)[r, cols]
+    for r, cols, u in segments(packed, batch):
+        out[u, : len(cols)] = np.asarray(packed_BxLxD)[r, cols]
     return out
 
 
