@@ -1,5 +1,5 @@
 """The training-throughput benchmark at a tiny size (full synthetic windows, no data): its
-record, and the sampled softmax's cost model. No wall-clock asserts."""
+record, and the sampled softmax's share of the step. No wall-clock asserts."""
 
 import json
 import subprocess
@@ -17,8 +17,7 @@ def test_record_has_every_model_and_the_loss_breakdown():
     assert out["config"]["batches"] == "full" and out["config"]["window"] == 20
     assert set(out["sequences_per_second"]) == set(out["sampled_softmax"]) == {"hstu"}
     detail = out["details"]["full/per_position"]["hstu"]
-    # Every position of the 4 x 20 synthetic rows is supervised: the packed capacity rounds
-    # 80 up to 4 * 20 / 8 = 10 per bucket, so 80; three [80, 3707] x 8 products.
-    assert detail["sampled_softmax_gflop"] * 1e9 == 6 * 80 * 3707 * 8
-    for model in out["sampled_softmax"].values():
-        assert model["ms"] > 0 and model["share_of_step"] > 0 and model["matmul_bound_ms"] > 0
+    assert detail["sampled_softmax_ms"] > 0
+    assert out["sampled_softmax"]["hstu"]["share_of_step"] == round(
+        detail["sampled_softmax_ms"] / detail["step_ms"], 3
+    )

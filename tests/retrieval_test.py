@@ -182,7 +182,7 @@ def test_training_reduces_loss_on_a_cyclic_pattern(name):
 
 def test_sampled_logits_gradients_match_dense_autodiff():
     rng = np.random.default_rng(0)
-    user = jnp.asarray(rng.normal(size=(37, 4)), jnp.float32)  # Not a multiple of the chunk.
+    user = jnp.asarray(rng.normal(size=(37, 4)), jnp.float32)  # Not a multiple of a chunk.
     items = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 9, (37, 6)), jnp.int32)
     weights = jnp.asarray(rng.normal(size=(37, 6)), jnp.float32)

@@ -9,9 +9,9 @@ Follows generative-recommenders `research/` (see docs/RETRIEVAL_BASELINES.md):
 * the loss is the mean over supervised positions of the whole batch;
 * Adam(W) with lr 1e-3, betas (0.9, 0.98), weight decay 0 (the ML-1M gin files), no warmup.
 
-Uniform per-position negatives never need a [B, L, R, D] gather of embeddings: their logits
-are entries of the dense cosine matrix against the normalized table, computed chunk by chunk
-with a custom backward pass (`sampled_logits`, exact). `per_row` shares R negatives among a
+Uniform per-position negatives never materialize a [B, L, R, D] gather of embeddings: their
+logits are computed chunk by chunk of positions, each gathering only its own block, with a
+custom backward pass (`sampled_logits`, exact). `per_row` shares R negatives among a
 row's positions (a cheaper variant, not the reference).
 """
 
@@ -93,30 +93,34 @@ def sampled_softmax_loss(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def sampled_logits(user_NxD, items_IxD, ids_NxK, chunk: int = 256) -> jax.Array:
-    """logits[n, k] = user[n] . items[ids[n, k]], exact, via the dense [chunk, I] cosine block.
+def sampled_logits(user_NxD, items_IxD, ids_NxK, chunk: int = 64) -> jax.Array:
+    """logits[n, k] = user[n] . items[ids[n, k]], exact, chunk by chunk of positions.
 
-    Each chunk of positions multiplies against the whole (small) item table and keeps only
-    its K sampled columns, so the [N, I] matrix never exists in memory: XLA:CPU spends most
-    of a dense [N, I] product writing and faulting in that buffer, and gathers of
-    [N, K, D] embeddings are slower still. The backward pass (below) works chunk by chunk too.
+    Each chunk of positions gathers its own [chunk, K, D] embeddings and reduces them against
+    its users, so the block stays in cache and the [N, K, D] gather never exists in memory
+    (unchunked, XLA:CPU spends most of the gather writing that buffer); the backward pass
+    (below) works chunk by chunk too. Measured on a 2-core CPU (16k positions, K = 129,
+    D = 50, 3.7k items; best of 5, three rounds): the loss's value and gradient 256-263 ms,
+    against 396-403 ms when each chunk multiplied against the whole table ([256, I] cosine
+    blocks, K columns kept) and the backward pass multiplied dense [256, I] blocks.
     """
     user_CxcxD, ids_Cxcxk, n = _chunks(user_NxD, ids_NxK, chunk)
 
     def block(args):
         user_cxD, ids_cxK = args
-        return jnp.take_along_axis(user_cxD @ items_IxD.T, ids_cxK, axis=-1)
+        return jnp.einsum("cd,ckd->ck", user_cxD, items_IxD[ids_cxK])
 
     return jax.lax.map(block, (user_CxcxD, ids_Cxcxk)).reshape(-1, ids_NxK.shape[1])[:n]
 
 
-def _chunks(user_NxD, ids_NxK, chunk):
-    n = user_NxD.shape[0]
+def _chunks(x_NxF, ids_NxK, chunk):
+    """`x_NxF` and `ids_NxK` zero-padded to a multiple of `chunk` rows, as [C, chunk, ...]."""
+    n = x_NxF.shape[0]
     pad = -n % chunk
-    user_NxD = jnp.pad(user_NxD, ((0, pad), (0, 0)))
+    x_NxF = jnp.pad(x_NxF, ((0, pad), (0, 0)))
     ids_NxK = jnp.pad(ids_NxK, ((0, pad), (0, 0)))
     return (
-        user_NxD.reshape(-1, chunk, user_NxD.shape[1]),
+        x_NxF.reshape(-1, chunk, x_NxF.shape[1]),
         ids_NxK.reshape(-1, chunk, ids_NxK.shape[1]),
         n,
     )
@@ -127,17 +131,19 @@ def _sampled_logits_fwd(user_NxD, items_IxD, ids_NxK, chunk):
 
 
 def _sampled_logits_bwd(chunk, residuals, grad_NxK):
-    """Per chunk: scatter the K gradients into a dense [chunk, I] block, two matmuls."""
+    """Per chunk: d_user[n] = sum_k grad[n, k] items[ids[n, k]] from the chunk's gathered
+    embeddings, and grad[n, k] user[n] scatter-added into the table's gradient (a chunk's
+    K x chunk rows at a time: about half the time of the dense [chunk, I] block's matmul;
+    serial, so deterministic, on CPU; on GPU its float sums may differ in order run to run)."""
     user_NxD, items_IxD, ids_NxK = residuals
     user_CxcxD, ids_Cxcxk, n = _chunks(user_NxD, ids_NxK, chunk)
-    grad_Cxcxk = jnp.pad(grad_NxK, ((0, -n % chunk), (0, 0))).reshape(ids_Cxcxk.shape)
-    rows = jnp.arange(chunk)[:, None]
+    grad_Cxcxk, _, _ = _chunks(grad_NxK, ids_NxK, chunk)
 
     def step(d_items_IxD, args):
         user_cxD, ids_cxK, grad_cxK = args
-        dense_cxI = jnp.zeros((chunk, items_IxD.shape[0]), grad_cxK.dtype)
-        dense_cxI = dense_cxI.at[rows, ids_cxK].add(grad_cxK)
-        return d_items_IxD + dense_cxI.T @ user_cxD, dense_cxI @ items_IxD
+        d_user_cxD = jnp.einsum("ck,ckd->cd", grad_cxK, items_IxD[ids_cxK])
+        rows_cKxD = (grad_cxK[:, :, None] * user_cxD[:, None, :]).reshape(-1, user_cxD.shape[1])
+        return d_items_IxD.at[ids_cxK.reshape(-1)].add(rows_cKxD), d_user_cxD
 
     init = jnp.zeros_like(items_IxD)
     d_items_IxD, d_user = jax.lax.scan(step, init, (user_CxcxD, ids_Cxcxk, grad_Cxcxk))
