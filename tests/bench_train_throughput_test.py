@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-def test_record_has_every_model_and_the_loss_breakdown():
+def test_record_has_the_timed_model_and_its_loss_breakdown():
     flags = ["--models=hstu", "--steps=1", "--batch=4", "--window=20", "--d_model=8",
              "--num_negatives=16", "--data_dir="]  # fmt: skip
     proc = subprocess.run(

@@ -126,11 +126,9 @@ def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bo
 def time_loss(batches: list, num_items: int, sampling: str) -> float:
     """Seconds per step of `retrieval.sampled_softmax_loss`'s value and gradient (user vectors
     and item table) on each batch's targets and packed capacity, as the step calls it, with
-    random unit user vectors: the loss's part of the step, timed alone."""
-    dim, capacity_of = (
-        FLAGS.d_model,
-        functools.partial(retrieval.position_capacity, batch_positions=FLAGS.batch * FLAGS.window),
-    )
+    random user vectors of about unit norm: the loss's part of the step, timed alone."""
+    dim, positions = FLAGS.d_model, FLAGS.batch * FLAGS.window
+    capacity_of = functools.partial(retrieval.position_capacity, batch_positions=positions)
     items = jax.random.normal(jax.random.key(1), (num_items + 1, dim))
     items = items / jnp.linalg.norm(items, axis=-1, keepdims=True)
     work = []
