@@ -104,25 +104,22 @@ def sampled_logits(user_NxD, items_IxD, ids_NxK, chunk: int = 64) -> jax.Array:
     against 396-403 ms when each chunk multiplied against the whole table ([256, I] cosine
     blocks, K columns kept) and the backward pass multiplied dense [256, I] blocks.
     """
-    user_CxcxD, ids_Cxcxk, n = _chunks(user_NxD, ids_NxK, chunk)
+    user_CxcxD, ids_Cxcxk = _chunks(chunk, user_NxD, ids_NxK)
 
     def block(args):
         user_cxD, ids_cxK = args
         return jnp.einsum("cd,ckd->ck", user_cxD, items_IxD[ids_cxK])
 
-    return jax.lax.map(block, (user_CxcxD, ids_Cxcxk)).reshape(-1, ids_NxK.shape[1])[:n]
+    logits_CxcxK = jax.lax.map(block, (user_CxcxD, ids_Cxcxk))
+    return logits_CxcxK.reshape(-1, ids_NxK.shape[1])[: ids_NxK.shape[0]]
 
 
-def _chunks(x_NxF, ids_NxK, chunk):
-    """`x_NxF` and `ids_NxK` zero-padded to a multiple of `chunk` rows, as [C, chunk, ...]."""
-    n = x_NxF.shape[0]
-    pad = -n % chunk
-    x_NxF = jnp.pad(x_NxF, ((0, pad), (0, 0)))
-    ids_NxK = jnp.pad(ids_NxK, ((0, pad), (0, 0)))
-    return (
-        x_NxF.reshape(-1, chunk, x_NxF.shape[1]),
-        ids_NxK.reshape(-1, chunk, ids_NxK.shape[1]),
-        n,
+def _chunks(chunk: int, *arrays_NxF) -> tuple[jax.Array, ...]:
+    """Each [N, F] array zero-padded to a multiple of `chunk` rows, as [C, chunk, F]."""
+    pad = -arrays_NxF[0].shape[0] % chunk
+    return tuple(
+        jnp.pad(x_NxF, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxF.shape[1])
+        for x_NxF in arrays_NxF
     )
 
 
@@ -136,8 +133,7 @@ def _sampled_logits_bwd(chunk, residuals, grad_NxK):
     K x chunk rows at a time: about half the time of the dense [chunk, I] block's matmul;
     serial, so deterministic, on CPU; on GPU its float sums may differ in order run to run)."""
     user_NxD, items_IxD, ids_NxK = residuals
-    user_CxcxD, ids_Cxcxk, n = _chunks(user_NxD, ids_NxK, chunk)
-    grad_Cxcxk, _, _ = _chunks(grad_NxK, ids_NxK, chunk)
+    chunks = _chunks(chunk, user_NxD, ids_NxK, grad_NxK)
 
     def step(d_items_IxD, args):
         user_cxD, ids_cxK, grad_cxK = args
@@ -146,8 +142,9 @@ def _sampled_logits_bwd(chunk, residuals, grad_NxK):
         return d_items_IxD.at[ids_cxK.reshape(-1)].add(rows_cKxD), d_user_cxD
 
     init = jnp.zeros_like(items_IxD)
-    d_items_IxD, d_user = jax.lax.scan(step, init, (user_CxcxD, ids_Cxcxk, grad_Cxcxk))
-    return d_user.reshape(-1, user_NxD.shape[1])[:n], d_items_IxD, None
+    d_items_IxD, d_user_CxcxD = jax.lax.scan(step, init, chunks)
+    d_user_NxD = d_user_CxcxD.reshape(-1, user_NxD.shape[1])[: user_NxD.shape[0]]
+    return d_user_NxD, d_items_IxD, None
 
 
 sampled_logits.defvjp(_sampled_logits_fwd, _sampled_logits_bwd)
@@ -252,9 +249,12 @@ class CapacitySteps:
         self.batch_positions = batch_positions
         self.compiled: dict[int, Callable] = {}
 
+    def capacity(self, batch) -> int:
+        """The packed capacity the batch's step is compiled for."""
+        return position_capacity(int(np.sum(batch["target"] > 0)), self.batch_positions)
+
     def __call__(self, batch) -> Callable:
-        count = int(np.sum(batch["target"] > 0))
-        capacity = position_capacity(count, self.batch_positions)
+        capacity = self.capacity(batch)
         if capacity not in self.compiled:
             step = self._make(max_positions=capacity)
             self.compiled[capacity] = jax.jit(step, donate_argnums=0)

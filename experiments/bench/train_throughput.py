@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bo
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - t0) / len(work)
     rows = [len(b["item"]) for _, b in work]
-    loss_s = time_loss([b for _, b in work], num_items, sampling)
+    loss_s = time_loss([b for _, b in work], num_items, sampling, step_for.capacity)
     out = {
         "sequences_per_second": FLAGS.batch / step_s,
         "step_ms": 1000 * step_s,
@@ -123,18 +124,18 @@ def time_model(name: str, sampling: str, batches: list, num_items: int, pack: bo
     return out
 
 
-def time_loss(batches: list, num_items: int, sampling: str) -> float:
+def time_loss(batches: list, num_items: int, sampling: str, capacity_of: Callable) -> float:
     """Seconds per step of `retrieval.sampled_softmax_loss`'s value and gradient (user vectors
-    and item table) on each batch's targets and packed capacity, as the step calls it, with
-    random user vectors of about unit norm: the loss's part of the step, timed alone."""
-    dim, positions = FLAGS.d_model, FLAGS.batch * FLAGS.window
-    capacity_of = functools.partial(retrieval.position_capacity, batch_positions=positions)
+    and item table) on each batch's targets and packed capacity (`capacity_of(batch)`, the
+    step's own), with random user vectors of about unit norm: the loss's part of the step,
+    timed alone."""
+    dim = FLAGS.d_model
     items = jax.random.normal(jax.random.key(1), (num_items + 1, dim))
     items = items / jnp.linalg.norm(items, axis=-1, keepdims=True)
     work = []
     for batch in batches:
         target = batch["target"]
-        capacity = capacity_of(int(jnp.sum(target > 0)))
+        capacity = capacity_of(batch)
         user = jax.random.normal(jax.random.key(2), target.shape + (dim,)) / np.sqrt(dim)
         work.append((capacity, user, target))
     grads = {}

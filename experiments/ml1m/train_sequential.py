@@ -334,16 +334,14 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
     graphdef, state = retrieval.init_train_state(model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     # ==== steps: retrieval, one jitted step per packed-position capacity; ranking, one ======
-    if ranking:  # Every position of a row is read anyway: nothing to pack.
+    if ranking:  # Every position of a row is read anyway: nothing to pack, one step.
         ranking_step = jax.jit(sequential_ranking.make_train_step(graphdef, tx), donate_argnums=0)
-        steps = {None: ranking_step}
         step_for = lambda batch: ranking_step  # noqa: E731
     else:
         step_for = retrieval.CapacitySteps(
             graphdef, tx, FLAGS.batch_size * FLAGS.window, num_negatives=FLAGS.num_negatives,
             temperature=FLAGS.temperature, sampling=FLAGS.sampling,
         )  # fmt: skip
-        steps = step_for.compiled
 
     make_score_fn = sequential_ranking.make_logits_fn if ranking else retrieval.make_score_fn
     score_fn = jax.jit(make_score_fn(graphdef))
@@ -479,7 +477,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
         | best_test,
         "scored_events": scored,
         "wall_seconds": time.time() - start,
-        "compiled_capacities": sorted(steps),
+        "compiled_capacities": [] if ranking else sorted(step_for.compiled),
         "summary_cache": {"read_from": FLAGS.from_cache or None, "exported": exported},
         "cache_ablation": ablation,
         "git_commit": commit,
