@@ -8,6 +8,8 @@ Sources, one setting each:
   filed there by `--add=WORKDIR --setting=NAME` (the seed is read from its provenance);
 * every published sweep point, `experiments/<experiment>/results/sweep_*/points/*.json`: the
   setting is `<experiment> sweep: <swept key>=<value>`.
+* a published sweep's `paired.json`: each point against the grid's first value (an
+  ablation's default) at the same seed, paired over users: the ablations table;
 * `experiments/<experiment>/results/ranking_summary.json`: runs trained one model and seed
   per JSON (`experiments.ml1m.train_sequential --task=ranking`), gathered per seed with their
   paired tests by `python -m experiments.ml1m.report` (run it first).
@@ -38,6 +40,8 @@ from vista_jax.errors import ConfigError
 
 REFERENCE = "vista_downstream"
 SWEEP_POINTS = "experiments/*/results/sweep_*/points/*.json"
+SWEEP_PAIRED = "experiments/*/results/sweep_*/paired.json"  # experiments.sweep's paired tests
+ABLATION_MODELS = ("vista_downstream", "vista_source")  # What an ablation of VISTA changes.
 RANKING_SUMMARIES = "experiments/*/results/ranking_summary.json"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 _SETTING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
@@ -252,6 +256,38 @@ def headline(summaries: dict) -> str:
     return "\n".join(lines)
 
 
+def ablations(root: pathlib.Path) -> str:
+    """One row per published sweep value and VISTA model: its AUC and the default's on the same
+    seeds, and Δ AUC = AUC(default) − AUC(value), paired over users seed by seed."""
+    head = ["sweep", "value", "against", "model", "seeds", "AUC of the default", "AUC"]
+    head += ["Δ AUC, default − value (largest p)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for path in sorted(root.glob(SWEEP_PAIRED)):
+        paired = json.loads(path.read_text())
+        experiment = path.parents[2].name  # experiments/<experiment>/results/sweep_*/
+        points = {p.stem: json.loads(p.read_text()) for p in path.parent.glob("points/*.json")}
+        by_value = collections.defaultdict(list)
+        for name, entry in paired["points"].items():
+            by_value[str(entry["x"])].append((points[entry["against"]], points[name], entry))
+        for value, pairs in sorted(by_value.items(), key=lambda kv: natural_key(kv[0])):
+            default = pairs[0][0]
+            for model in ABLATION_MODELS:
+                have = [(d, v, e) for d, v, e in pairs if model in e["models"]]
+                if not have:
+                    continue
+                tests = [e["models"][model] for _, _, e in have]
+                m = {"p_max": max(t["p_value"] for t in tests),
+                     "p_floor": max(1.0 / t["num_samples"] for t in tests)}  # fmt: skip
+                row = [f"{experiment} {path.parent.name.removeprefix('sweep_')}",
+                       f"{default['x_key'].split('.')[-1]}={value}",
+                       f"={default['x']}", model, str(len(have)),
+                       cell([d["models"][model]["auc"] for d, _, _ in have]),
+                       cell([v["models"][model]["auc"] for _, v, _ in have]),
+                       f"{cell([t['diff'] for t in tests])} ({p_text(m)})"]  # fmt: skip
+                lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def slug(setting: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", setting).strip("_")
 
@@ -281,7 +317,7 @@ def plot(setting: str, summary: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def markdown(summaries: dict) -> str:
+def markdown(summaries: dict, ablation_table: str = "") -> str:
     lines = [
         "# Long-history ranking results",
         "",
@@ -296,6 +332,17 @@ def markdown(summaries: dict) -> str:
         "",
         headline(summaries),
     ]
+    if ablation_table:
+        lines += [
+            "",
+            "## Ablations: each sweep value against the default, paired",
+            "",
+            "Each row: a published sweep's value against the sweep's first value (the",
+            "default) at the same seeds, on the same candidates; Δ AUC is the paired bootstrap",
+            "over users of each seed, averaged over seeds, with the largest p of any seed.",
+            "",
+            ablation_table,
+        ]
     for setting, s in summaries.items():
         lines += [
             "",
@@ -332,7 +379,7 @@ def report(results_dir: pathlib.Path, root: pathlib.Path, readme: pathlib.Path |
         stale.unlink()
     for setting, s in summaries.items():
         plot(setting, s, results_dir / f"{slug(setting)}.png")
-    text = markdown(summaries)
+    text = markdown(summaries, ablations(root))
     (results_dir / "RESULTS.md").write_text(text)
     if readme is not None:
         write_readme(readme, headline(summaries))

@@ -13,9 +13,13 @@ Every point is validated through the typed config before anything runs.
   runs/<point>/          the pipeline workdir of each point (checkpoints, cache, results.json)
   points/<point>.json    a finished point: its overrides, metrics, FLOPs and wall times
   sweep.csv, sweep.png   every finished point, rewritten at the end of each invocation
+  paired.json            each point against the grid's first value at the same seed (the
+                         default, for an ablation): per model, Δ AUC = AUC(first) − AUC(point)
+                         with a paired bootstrap over users, where both were scored on the
+                         same candidates (their runs' predictions.npz); rewritten likewise
 
---publish_dir copies points/, sweep.csv and sweep.png (not the runs) to a results directory
-that is committed (experiments/<name>/results/sweep_<NAME>/).
+--publish_dir copies points/, sweep.csv, sweep.png and paired.json (not the runs) to a results
+directory that is committed (experiments/<name>/results/sweep_<NAME>/).
 
 Resume: a point with `points/<point>.json` is skipped. Any other point resumes at the first
 stage its `stages.json` does not record as finished, and training stages resume from their
@@ -38,7 +42,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from vista_jax import costs, evaluation, pipeline
+from vista_jax import costs, evaluation, metrics, pipeline
 from vista_jax.config import ExperimentConfig, from_config_dict
 from vista_jax.errors import ConfigError, UserError, WorkdirError
 from vista_jax.fingerprints import git_commit
@@ -344,6 +348,57 @@ def write_outputs(workdir, metric: str, title: str) -> dict:
     return {"csv": str(workdir / "sweep.csv"), "png": str(workdir / "sweep.png"), "rows": len(rows)}
 
 
+# -- paired tests against the first value -----------------------------------------------------
+PAIRED_FILE = "paired.json"
+
+
+def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict:
+    """Every finished point against the grid's first value at the same seed, model by model.
+
+    For an ablation the first value is the default, so Δ AUC = AUC(default) − AUC(point) is
+    what the change costs (positive: the default is better). A pair is tested only when both
+    runs scored the same candidates (a history-length grid changes the data: not paired).
+    """
+    workdir = pathlib.Path(workdir)
+    first_x = points[0].x
+    reference = {p.seed: p for p in points if p.x == first_x}
+    out = {"reference": f"{points[0].x_key}={first_x} at the same seed", "unit": "user",
+           "points": {}, "not_paired": {}}  # fmt: skip
+
+    def done(point) -> bool:
+        return (workdir / "points" / f"{point.name}.json").exists()
+
+    for point in points:
+        ref = reference.get(point.seed)
+        if ref is None or point.x == first_x or not (done(ref) and done(point)):
+            continue
+        files = [workdir / "runs" / p.name / pipeline.PREDICTIONS_FILE for p in (ref, point)]
+        missing = [str(f.parent) for f in files if not f.exists()]
+        if missing:
+            out["not_paired"][point.name] = (
+                f"no {pipeline.PREDICTIONS_FILE} in {missing} (evaluated before predictions "
+                "were saved). Fix: delete the point's record "
+                "and its evaluate entry in stages.json, and rerun the sweep"
+            )
+            continue
+        (labels, users, logits_a), (labels_b, users_b, logits_b) = map(
+            evaluation.read_predictions, files
+        )
+        if not (np.array_equal(labels, labels_b) and np.array_equal(users, users_b)):
+            out["not_paired"][point.name] = f"scored other candidates than {ref.name}"
+            continue
+        tests = {
+            m: metrics.paired_auc_bootstraps(
+                labels, logits_a[m], {m: logits_b[m]}, users, num_samples
+            )[m]
+            for m in logits_a
+            if m in logits_b
+        }
+        out["points"][point.name] = {"x": point.x, "seed": point.seed, "against": ref.name,
+                                     "models": tests}  # fmt: skip
+    return out
+
+
 # -- the driver -------------------------------------------------------------------------------
 def publish(workdir, publish_dir) -> None:
     """Copies the sweep's results (no checkpoints, caches or data) to `publish_dir`, replacing
@@ -352,8 +407,9 @@ def publish(workdir, publish_dir) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(workdir / "points", tmp / "points")
-    for name in ("sweep.csv", "sweep.png"):
-        shutil.copy2(workdir / name, tmp / name)
+    for name in ("sweep.csv", "sweep.png", PAIRED_FILE):
+        if (workdir / name).exists():
+            shutil.copy2(workdir / name, tmp / name)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -377,6 +433,13 @@ def run_sweep(
         if not only or point.name in only:
             run_point(point, configs[point.name], workdir, run_stage)
     out = write_outputs(workdir, metric, f"{config_arg} --sweep={sweep_arg}")
+    samples = configs[points[0].name].eval.bootstrap_samples
+    paired = paired_against_first(points, workdir, samples)
+    for name, why in paired["not_paired"].items():
+        _log(f"{name}: not paired with the first value: {why}")
+    if out and paired["points"]:
+        evaluation.write_json(pathlib.Path(workdir) / PAIRED_FILE, paired)
+        out["paired"] = len(paired["points"])
     if publish_dir and out:
         publish(workdir, publish_dir)
         out["published"] = str(publish_dir)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vista_jax import cache, checkpoints, pipeline
+from vista_jax import cache, checkpoints, evaluation, metrics, pipeline
 from vista_jax.checkpoints import restore_module
 from vista_jax.config import from_config_dict
 from vista_jax.data import inputs
@@ -24,6 +24,14 @@ def test_results_json_has_every_model(tiny_run):
         assert {"auc", "logloss", "ne"} <= set(m) and np.isfinite([m["auc"], m["ne"]]).all()
     assert 0.5 < written["oracle_auc"] <= 1.0
     assert written == json.loads(json.dumps(results, default=float))
+
+
+def test_predictions_file_reproduces_every_models_auc(tiny_run):
+    _, workdir, results = tiny_run
+    label, user, logits = evaluation.read_predictions(workdir / pipeline.PREDICTIONS_FILE)
+    assert set(logits) == set(results["models"]) and len(user) == len(label)
+    for name, logit in logits.items():
+        assert metrics.auc(label, logit) == pytest.approx(results["models"][name]["auc"])
 
 
 def test_source_on_cache_matches_source_within_int8_error(tiny_run):

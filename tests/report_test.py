@@ -72,6 +72,34 @@ def test_sweep_points_are_settings_in_numeric_order(filed):
     assert text.index("## synthetic sweep: history_len=32") < text.index("history_len=1000")
 
 
+def test_ablations_table_pairs_each_value_with_the_default_over_seeds(filed):
+    tmp_path, out = filed
+    sweep_dir = tmp_path / "experiments/synthetic/results/sweep_recon"
+    (sweep_dir / "points").mkdir(parents=True)
+    paired = {"reference": "recon_weight=1.0 at the same seed", "points": {}, "not_paired": {}}
+    for seed, (on, off, p) in enumerate([(0.78, 0.75, 0.001), (0.80, 0.76, 0.03)]):
+        for x, auc in ((1.0, on), (0.0, off)):
+            aucs = {"vista_downstream": auc, "vista_source": auc + 0.01, "recent_only": 0.6}
+            point = {"x_key": "summarizer.recon_weight", "x": x, "seed": seed,
+                     "stage_wall_s": {"a": 60.0}} | _results(seed, aucs)  # fmt: skip
+            (sweep_dir / "points" / f"recon_weight={x}-seed={seed}.json").write_text(
+                json.dumps(point)
+            )
+        test = {"diff": on - off, "p_value": p, "num_samples": 1000}
+        paired["points"][f"recon_weight=0.0-seed={seed}"] = {
+            "x": 0.0, "seed": seed, "against": f"recon_weight=1.0-seed={seed}",
+            "models": {"vista_downstream": test, "vista_source": test, "recent_only": test},
+        }  # fmt: skip
+    (sweep_dir / "paired.json").write_text(json.dumps(paired))
+    text = report.report(out, tmp_path, None)
+    rows = [line for line in text.splitlines() if line.startswith("| synthetic recon |")]
+    assert len(rows) == 2  # VISTA's two models; recent_only does not depend on the summarizer.
+    down = next(r for r in rows if "| vista_downstream |" in r)
+    assert "| recon_weight=0.0 | =1.0 | vista_downstream | 2 |" in down
+    assert "| 0.7900 ± 0.0100 | 0.7550 ± 0.0050 | 0.0350 ± 0.0050 (0.030) |" in down
+    assert text.index("## Ablations") < text.index("## syn")
+
+
 def test_filing_refuses_a_second_copy_of_a_seed_and_other_tasks(filed, tmp_path):
     _, out = filed
     work = _workdir(tmp_path, "again", _results(0, {"vista_downstream": 0.7}))
@@ -92,7 +120,8 @@ def test_committed_results_and_readme_are_what_the_report_generates():
     root = report.pathlib.Path(__file__).resolve().parents[1]
     summaries = report.summarize(report.collect(root / "experiments/results", root))
     committed = (root / "experiments/results/RESULTS.md").read_text()
-    assert committed == report.markdown(summaries), "rerun: python -m experiments.report"
+    expected = report.markdown(summaries, report.ablations(root))
+    assert committed == expected, "rerun: python -m experiments.report"
     readme = (root / "README.md").read_text()
     between = readme[readme.index(report.BEGIN) + len(report.BEGIN) : readme.index(report.END)]
     assert between.strip() == report.headline(summaries).strip()

@@ -10,11 +10,12 @@ import dataclasses
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from experiments import common, sweep
 from experiments.synthetic import config as synthetic_config
-from vista_jax import evaluation, pipeline
+from vista_jax import evaluation, metrics, pipeline
 from vista_jax.errors import ConfigError, WorkdirError
 
 CONFIG = "experiments/synthetic/config.py:tiny"
@@ -44,6 +45,18 @@ class FakeStages:
             evaluation.write_json(run_dir / "results.json",
                                   {"models": models, "oracle_auc": 0.83,
                                    "reference_aucs": reference})  # fmt: skip
+            evaluation.write_predictions(run_dir / pipeline.PREDICTIONS_FILE, predictions(config))
+
+
+def predictions(config) -> dict:
+    """Candidates fixed by the data (history length); vista_downstream's logits separate the
+    labels better with reconstruction on, recent_only's do not depend on anything swept."""
+    data = np.random.default_rng(config.data.history_window)
+    user, label = np.repeat(np.arange(40), 5), data.integers(0, 2, 200).astype(float)
+    noise = np.random.default_rng([config.data.history_window, config.seed]).normal(size=200)
+    signal = {"vista_downstream": 0.5 + config.summarizer.recon_weight, "recent_only": 0.5}
+    return {m: evaluation.Predictions(label, s * label + noise, user, 40, 1.0)
+            for m, s in signal.items()}  # fmt: skip
 
 
 def _run(workdir, fake, **kw):
@@ -158,6 +171,45 @@ def test_publish_copies_results_but_not_runs(tmp_path):
     assert sorted(p.name for p in published.iterdir()) == ["points", "sweep.csv", "sweep.png"]
     assert len(list((published / "points").glob("*.json"))) == 4
     assert (published / "sweep.csv").read_text() == (tmp_path / "work" / "sweep.csv").read_text()
+
+
+def test_an_ablation_pairs_each_point_with_the_default_at_its_seed(tmp_path):
+    published = tmp_path / "published"
+    out = sweep.run_sweep(
+        CONFIG, "recon:tiny,seeds=2", tmp_path, run_stage=FakeStages(), publish_dir=published
+    )
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert json.loads((published / "paired.json").read_text()) == paired
+    assert out["paired"] == 2 and paired["not_paired"] == {}
+    assert sorted(paired["points"]) == ["recon_weight=0.0-seed=0", "recon_weight=0.0-seed=1"]
+    entry = paired["points"]["recon_weight=0.0-seed=1"]
+    assert entry["against"] == "recon_weight=1.0-seed=1" and entry["x"] == 0.0
+    runs = tmp_path / "runs"
+    label, user, on = evaluation.read_predictions(runs / entry["against"] / "predictions.npz")
+    _, _, off = evaluation.read_predictions(runs / "recon_weight=0.0-seed=1" / "predictions.npz")
+    direct = metrics.paired_auc_bootstraps(
+        label, on["vista_downstream"], {"off": off["vista_downstream"]}, user, 1000
+    )["off"]
+    test = entry["models"]["vista_downstream"]
+    assert test["diff"] == pytest.approx(direct["diff"]) and test["diff"] > 0.05
+    assert test["p_value"] == pytest.approx(direct["p_value"])
+    assert entry["models"]["recent_only"]["diff"] == 0.0  # Same logits in both runs.
+
+
+def test_points_on_other_candidates_are_not_paired(tmp_path):
+    out = _run(tmp_path, FakeStages())  # history_len: each length has its own candidates.
+    assert "paired" not in out and not (tmp_path / "paired.json").exists()
+    paired = sweep.paired_against_first(
+        sweep.grid(sweep.load_experiment(CONFIG)[0], SWEEP), tmp_path, 100
+    )
+    assert paired["points"] == {}
+    assert set(paired["not_paired"]) == {"history_len=600-seed=0", "history_len=600-seed=1"}
+    assert "other candidates" in paired["not_paired"]["history_len=600-seed=1"]
+    (tmp_path / "runs" / "history_len=600-seed=1" / pipeline.PREDICTIONS_FILE).unlink()
+    paired = sweep.paired_against_first(
+        sweep.grid(sweep.load_experiment(CONFIG)[0], SWEEP), tmp_path, 100
+    )
+    assert "Fix: delete the point's record" in paired["not_paired"]["history_len=600-seed=1"]
 
 
 def test_series_mean_and_std_over_seeds():

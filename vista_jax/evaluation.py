@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable
@@ -180,3 +181,30 @@ def write_json(path, obj) -> None:
 
 def read_json(path) -> dict:
     return json.loads(pathlib.Path(path).read_text())
+
+
+def write_npz(path, arrays: dict) -> None:
+    """Compressed, written whole, then renamed: a kill mid-write leaves the previous file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_predictions(path, predictions: dict[str, Predictions]) -> None:
+    """Every model's logits on one set of candidates, with their labels and users (what a
+    paired test between runs needs): npz arrays `label`, `user` and `logit.<model>`."""
+    first = next(iter(predictions.values()))
+    for name, p in predictions.items():
+        if not (np.array_equal(p.label, first.label) and np.array_equal(p.user, first.user)):
+            raise ValueError(f"{name} was not scored on the same candidates as the others")
+    arrays = {"label": first.label, "user": first.user}
+    write_npz(path, arrays | {f"logit.{name}": p.logit for name, p in predictions.items()})
+
+
+def read_predictions(path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(labels, users, {model: logits}) of a `write_predictions` file."""
+    with np.load(path) as f:
+        logits = {k.removeprefix("logit."): f[k] for k in f.files if k.startswith("logit.")}
+        return f["label"], f["user"], logits

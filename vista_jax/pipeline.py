@@ -5,7 +5,8 @@
   train_ranker     cache + recent events -> downstream ranker; recent-only    -> downstream/,
                                                                                 recent_only/
   train_baselines  raw history -> full target attention, SIM-hard, TWIN       -> <name>/
-  evaluate         every model on the held-out requests                       -> results.json
+  evaluate         every model on the held-out requests                       -> results.json,
+                                                                                 predictions.npz
   refresh_cache    (only when asked) data.delta_path folded into the cache     -> cache/
 
 Each stage reads only what earlier stages wrote; `train_ranker` never loads the summarizer.
@@ -60,6 +61,7 @@ BASELINE_MODELS = {  # Trained by train_baselines, each in the directory of its 
     "twin": TwinRanker,
 }
 STAGES_FILE = "stages.json"  # Wall time and provenance of every stage run in this workdir.
+PREDICTIONS_FILE = "predictions.npz"  # Ranking: every model's test logits (evaluate).
 
 
 def _log(msg: str):
@@ -353,6 +355,8 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         _log(f"[evaluate] {name}: {scores} ({time.monotonic() - t0:.1f}s)")
     if ranking:
         results["paired"] = paired_comparisons(predictions, config.eval.bootstrap_samples)
+        if distributed.is_primary():  # For paired tests between runs (e.g. a sweep's points).
+            evaluation.write_predictions(pathlib.Path(workdir) / PREDICTIONS_FILE, predictions)
     if ranking and "cand_prob" in items[0]:
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])

@@ -45,6 +45,7 @@ from flax import nnx
 from experiments.ml1m import models
 from vista_jax import (
     checkpoints,
+    evaluation,
     fingerprints,
     metrics,
     retrieval,
@@ -174,14 +175,6 @@ def evaluate_ranking(logits_fn, params, split: sequences.Batch, batch_size: int)
     """AUC, log loss and NE over the split's scored positions."""
     preds = ranking_predictions(logits_fn, params, split, batch_size)
     return metrics.binary_metrics(preds["label"].astype(np.float32), preds["logit"])
-
-
-def save_predictions(path: pathlib.Path, preds: dict) -> None:
-    """Atomically (a kill mid-write leaves the previous file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **preds)
-    os.replace(tmp, path)
 
 
 def log_eval(row: dict) -> None:
@@ -411,7 +404,7 @@ def train_and_evaluate() -> tuple[dict, dict | None]:
                     if train.passes_without_gain(valid_aucs) == 0:
                         selected_preds = preds | {"epoch": np.int32(epoch)}
                         if selected_file is not None:
-                            save_predictions(selected_file, selected_preds)
+                            evaluation.write_npz(selected_file, selected_preds)
                     continue
                 row[split] = evaluate_split(
                     score_fn, state.params, getattr(splits, split), FLAGS.eval_batch_size
@@ -584,7 +577,7 @@ def main(argv):
         path = pathlib.Path(FLAGS.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         if preds is not None:
-            save_predictions(predictions_path(path), preds)
+            evaluation.write_npz(predictions_path(path), preds)
         path.write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {path}")
     s, t = result["validation_selected"], result["last"]
