@@ -278,9 +278,9 @@ def ablations(root: pathlib.Path) -> str:
                 tests = [e["models"][model] for _, _, e in have]
                 m = {"p_max": max(t["p_value"] for t in tests),
                      "p_floor": max(1.0 / t["num_samples"] for t in tests)}  # fmt: skip
+                key = default["x_key"].split(".")[-1]
                 row = [f"{experiment} {path.parent.name.removeprefix('sweep_')}",
-                       f"{default['x_key'].split('.')[-1]}={value}",
-                       f"={default['x']}", model, str(len(have)),
+                       f"{key}={value}", f"{key}={default['x']}", model, str(len(have)),
                        cell([d["models"][model]["auc"] for d, _, _ in have]),
                        cell([v["models"][model]["auc"] for _, v, _ in have]),
                        f"{cell([t['diff'] for t in tests])} ({p_text(m)})"]  # fmt: skip

@@ -376,9 +376,9 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
         missing = [str(f.parent) for f in files if not f.exists()]
         if missing:
             out["not_paired"][point.name] = (
-                f"no {pipeline.PREDICTIONS_FILE} in {missing} (evaluated before predictions "
-                "were saved). Fix: delete the point's record "
-                "and its evaluate entry in stages.json, and rerun the sweep"
+                f"no {pipeline.PREDICTIONS_FILE} in {missing} (evaluated before they were "
+                "saved). Fix: delete the point's record and the evaluate entry of its "
+                "stages.json, and rerun the sweep (it re-scores, nothing retrains)"
             )
             continue
         (labels, users, logits_a), (labels_b, users_b, logits_b) = map(

@@ -95,7 +95,7 @@ def test_ablations_table_pairs_each_value_with_the_default_over_seeds(filed):
     rows = [line for line in text.splitlines() if line.startswith("| synthetic recon |")]
     assert len(rows) == 2  # VISTA's two models; recent_only does not depend on the summarizer.
     down = next(r for r in rows if "| vista_downstream |" in r)
-    assert "| recon_weight=0.0 | =1.0 | vista_downstream | 2 |" in down
+    assert "| recon_weight=0.0 | recon_weight=1.0 | vista_downstream | 2 |" in down
     assert "| 0.7900 ± 0.0100 | 0.7550 ± 0.0050 | 0.0350 ± 0.0050 (0.030) |" in down
     assert text.index("## Ablations") < text.index("## syn")
 
