@@ -256,21 +256,22 @@ def headline(summaries: dict) -> str:
     return "\n".join(lines)
 
 
-def ablations(root: pathlib.Path) -> str:
+def ablations(root: pathlib.Path, runs: list[Run]) -> str:
     """One row per published sweep value and VISTA model: its AUC and the default's on the same
-    seeds, and Δ AUC = AUC(default) − AUC(value), paired over users seed by seed."""
+    seeds, and Δ AUC = AUC(default) − AUC(value), paired over users seed by seed. `runs` are
+    what `collect` read (the sweep's points among them)."""
+    by_source = {r.source: r for r in runs}
     head = ["sweep", "value", "against", "model", "seeds", "AUC of the default", "AUC"]
     head += ["Δ AUC, default − value (largest p)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for path in sorted(root.glob(SWEEP_PAIRED)):
         paired = json.loads(path.read_text())
         experiment = path.parents[2].name  # experiments/<experiment>/results/sweep_*/
-        points = {p.stem: json.loads(p.read_text()) for p in path.parent.glob("points/*.json")}
+        points = {p.stem: by_source[str(p)] for p in path.parent.glob("points/*.json")}
         by_value = collections.defaultdict(list)
         for name, entry in paired["points"].items():
             by_value[str(entry["x"])].append((points[entry["against"]], points[name], entry))
-        for value, pairs in sorted(by_value.items(), key=lambda kv: natural_key(kv[0])):
-            default = pairs[0][0]
+        for pairs in sorted(by_value.values(), key=lambda p: natural_key(str(p[0][2]["x"]))):
             for model in ABLATION_MODELS:
                 have = [(d, v, e) for d, v, e in pairs if model in e["models"]]
                 if not have:
@@ -278,14 +279,19 @@ def ablations(root: pathlib.Path) -> str:
                 tests = [e["models"][model] for _, _, e in have]
                 m = {"p_max": max(t["p_value"] for t in tests),
                      "p_floor": max(1.0 / t["num_samples"] for t in tests)}  # fmt: skip
-                key = default["x_key"].split(".")[-1]
+                default, value = have[0][0], have[0][1]
                 row = [f"{experiment} {path.parent.name.removeprefix('sweep_')}",
-                       f"{key}={value}", f"{key}={default['x']}", model, str(len(have)),
-                       cell([d["models"][model]["auc"] for d, _, _ in have]),
-                       cell([v["models"][model]["auc"] for _, v, _ in have]),
+                       _swept(value), _swept(default), model, str(len(have)),
+                       cell([d.models[model]["auc"] for d, _, _ in have]),
+                       cell([v.models[model]["auc"] for _, v, _ in have]),
                        f"{cell([t['diff'] for t in tests])} ({p_text(m)})"]  # fmt: skip
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _swept(run: Run) -> str:
+    """`key=value` of a sweep point's run (its setting is '<experiment> sweep: key=value')."""
+    return run.setting.split(" sweep: ", 1)[1]
 
 
 def slug(setting: str) -> str:
@@ -372,14 +378,15 @@ def write_readme(readme: pathlib.Path, table: str) -> bool:
 
 
 def report(results_dir: pathlib.Path, root: pathlib.Path, readme: pathlib.Path | None) -> str:
-    summaries = summarize(collect(results_dir, root))
+    runs = collect(results_dir, root)
+    summaries = summarize(runs)
     results_dir.mkdir(parents=True, exist_ok=True)
     plots = {results_dir / f"{slug(setting)}.png" for setting in summaries}
     for stale in set(results_dir.glob("*.png")) - plots:  # A setting that has no runs now.
         stale.unlink()
     for setting, s in summaries.items():
         plot(setting, s, results_dir / f"{slug(setting)}.png")
-    text = markdown(summaries, ablations(root))
+    text = markdown(summaries, ablations(root, runs))
     (results_dir / "RESULTS.md").write_text(text)
     if readme is not None:
         write_readme(readme, headline(summaries))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -357,13 +358,17 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
 
     For an ablation the first value is the default, so Δ AUC = AUC(default) − AUC(point) is
     what the change costs (positive: the default is better). A pair is tested only when both
-    runs scored the same candidates (a history-length grid changes the data: not paired).
+    runs scored the same candidates (a history-length grid changes the data: not paired). A
+    pair already in the workdir's paired.json, from the same two prediction files and number
+    of resamples, is kept as it is (a sweep re-tests only what changed).
     """
     workdir = pathlib.Path(workdir)
     first_x = points[0].x
     reference = {p.seed: p for p in points if p.x == first_x}
     out = {"reference": f"{points[0].x_key}={first_x} at the same seed", "unit": "user",
            "points": {}, "not_paired": {}}  # fmt: skip
+    previous = workdir / PAIRED_FILE
+    tested = evaluation.read_json(previous)["points"] if previous.exists() else {}
 
     def done(point) -> bool:
         return (workdir / "points" / f"{point.name}.json").exists()
@@ -381,22 +386,25 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
                 "stages.json, and rerun the sweep (it re-scores, nothing retrains)"
             )
             continue
-        (labels, users, logits_a), (labels_b, users_b, logits_b) = map(
-            evaluation.read_predictions, files
-        )
-        if not (np.array_equal(labels, labels_b) and np.array_equal(users, users_b)):
+        entry = {"x": point.x, "seed": point.seed, "against": ref.name,
+                 "files_sha256": [_sha256(f) for f in files]}  # fmt: skip
+        kept = tested.get(point.name, {})
+        same = {k: kept.get(k) for k in entry} == entry
+        if same and all(t["num_samples"] == num_samples for t in kept["models"].values()):
+            out["points"][point.name] = kept
+            continue
+        a, b = map(evaluation.read_predictions, files)
+        if not (np.array_equal(a.label, b.label) and np.array_equal(a.user, b.user)):
             out["not_paired"][point.name] = f"scored other candidates than {ref.name}"
             continue
-        tests = {
-            m: metrics.paired_auc_bootstraps(
-                labels, logits_a[m], {m: logits_b[m]}, users, num_samples
-            )[m]
-            for m in logits_a
-            if m in logits_b
-        }
-        out["points"][point.name] = {"x": point.x, "seed": point.seed, "against": ref.name,
-                                     "models": tests}  # fmt: skip
+        pairs = {m: (a.logits[m], b.logits[m]) for m in a.logits if m in b.logits}
+        tests = metrics.paired_auc_tests(a.label, pairs, a.user, num_samples)
+        out["points"][point.name] = entry | {"models": tests}
     return out
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- the driver -------------------------------------------------------------------------------

@@ -67,3 +67,21 @@ def test_seen_mask_excludes_history_but_the_target_is_still_ranked():
     scores = np.array([[0.1, 0.9, 0.5, 0.3, 0.7]])  # Items 1..5.
     # Target item 4 (column 3): 2 (seen) does not count; 3 and 5 score higher.
     assert metrics.rank_of_target(scores, np.array([3]), mask)[0] == 2
+
+
+def test_predictions_round_trip_and_must_share_their_candidates(tmp_path):
+    label, user = np.array([1.0, 0.0, 1.0]), np.array([4, 4, 7])
+    predictions = {m: evaluation.Predictions(label, logit, user, 2, 1.0)
+                   for m, logit in (("a", np.array([0.5, -1.0, 2.0])),
+                                    ("b", np.array([0.0, 0.1, 0.2])))}  # fmt: skip
+    scored = evaluation.shared_candidates(predictions)
+    evaluation.write_predictions(tmp_path / "p.npz", scored)
+    back = evaluation.read_predictions(tmp_path / "p.npz")
+    np.testing.assert_array_equal(back.label, label)
+    np.testing.assert_array_equal(back.user, user)
+    assert {m: list(x) for m, x in back.logits.items()} == {
+        m: list(p.logit) for m, p in predictions.items()
+    }
+    shuffled = evaluation.Predictions(label, label, user[::-1], 2, 1.0)
+    with pytest.raises(ValueError, match="c was not scored on the same candidates"):
+        evaluation.shared_candidates(predictions | {"c": shuffled})

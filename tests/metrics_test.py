@@ -125,6 +125,17 @@ def test_paired_bootstrap_finds_a_real_gap_and_not_a_null_one():
     assert back["diff"] == pytest.approx(-out["diff"])
 
 
+def test_many_pairs_on_one_set_of_resamples_equal_each_pair_alone():
+    labels, a, b, user = _two_models(gap=0.5)
+    _, c, d, _ = _two_models(gap=0.2, seed=3)
+    tests = metrics.paired_auc_tests(labels, {"ab": (a, b), "cd": (c, d)}, user, num_samples=200)
+    for name, (x, y) in {"ab": (a, b), "cd": (c, d)}.items():
+        alone = metrics.paired_auc_bootstrap(labels, x, y, user, num_samples=200)
+        assert tests[name] == pytest.approx(alone)
+    shared = metrics.paired_auc_bootstraps(labels, a, {"b": b, "c": c}, user, num_samples=200)
+    assert shared["b"] == pytest.approx(tests["ab"])
+
+
 def test_paired_bootstrap_resamples_users_not_candidates():
     # One user's candidates share a large per-user offset in model a's scores only: the
     # candidate-level spread understates the noise; clustering by user widens the interval.

@@ -118,13 +118,13 @@ def test_filing_refuses_a_second_copy_of_a_seed_and_other_tasks(filed, tmp_path)
 
 def test_committed_results_and_readme_are_what_the_report_generates():
     root = report.pathlib.Path(__file__).resolve().parents[1]
-    summaries = report.summarize(report.collect(root / "experiments/results", root))
+    runs = report.collect(root / "experiments/results", root)
     committed = (root / "experiments/results/RESULTS.md").read_text()
-    expected = report.markdown(summaries, report.ablations(root))
+    expected = report.markdown(report.summarize(runs), report.ablations(root, runs))
     assert committed == expected, "rerun: python -m experiments.report"
     readme = (root / "README.md").read_text()
     between = readme[readme.index(report.BEGIN) + len(report.BEGIN) : readme.index(report.END)]
-    assert between.strip() == report.headline(summaries).strip()
+    assert between.strip() == report.headline(report.summarize(runs)).strip()
 
 
 def test_command_line_files_a_run_and_refuses_a_bad_setting(tmp_path):

@@ -45,7 +45,8 @@ class FakeStages:
             evaluation.write_json(run_dir / "results.json",
                                   {"models": models, "oracle_auc": 0.83,
                                    "reference_aucs": reference})  # fmt: skip
-            evaluation.write_predictions(run_dir / pipeline.PREDICTIONS_FILE, predictions(config))
+            scored = evaluation.shared_candidates(predictions(config))
+            evaluation.write_predictions(run_dir / pipeline.PREDICTIONS_FILE, scored)
 
 
 def predictions(config) -> dict:
@@ -194,6 +195,31 @@ def test_an_ablation_pairs_each_point_with_the_default_at_its_seed(tmp_path):
     assert test["diff"] == pytest.approx(direct["diff"]) and test["diff"] > 0.05
     assert test["p_value"] == pytest.approx(direct["p_value"])
     assert entry["models"]["recent_only"]["diff"] == 0.0  # Same logits in both runs.
+
+
+def test_a_rerun_keeps_finished_pairs_and_retests_changed_ones(tmp_path, monkeypatch):
+    sweep.run_sweep(CONFIG, "recon:tiny,seeds=2", tmp_path, run_stage=FakeStages())
+    first = json.loads((tmp_path / "paired.json").read_text())
+    calls = []
+    tests = sweep.metrics.paired_auc_tests
+    monkeypatch.setattr(sweep.metrics, "paired_auc_tests",
+                        lambda *a, **kw: calls.append(1) or tests(*a, **kw))  # fmt: skip
+    points = sweep.grid(sweep.load_experiment(CONFIG)[0], "recon:tiny,seeds=2")
+    assert sweep.paired_against_first(points, tmp_path, 1000) == first and calls == []
+    # New predictions for one point (e.g. re-scored): only that pair is tested again.
+    changed = tmp_path / "runs" / "recon_weight=0.0-seed=1" / pipeline.PREDICTIONS_FILE
+    label, user, logits = evaluation.read_predictions(changed)
+    flipped = {m: -x for m, x in logits.items()}
+    evaluation.write_predictions(changed, evaluation.CandidateLogits(label, user, flipped))
+    again = sweep.paired_against_first(points, tmp_path, 1000)
+    assert len(calls) == 1
+    assert again["points"]["recon_weight=0.0-seed=0"] == first["points"]["recon_weight=0.0-seed=0"]
+    test = again["points"]["recon_weight=0.0-seed=1"]["models"]["vista_downstream"]
+    assert (
+        test["diff"]
+        > first["points"]["recon_weight=0.0-seed=1"]["models"]["vista_downstream"]["diff"]
+    )
+    assert len(sweep.paired_against_first(points, tmp_path, 500)["points"]) == 2 and len(calls) == 3
 
 
 def test_points_on_other_candidates_are_not_paired(tmp_path):

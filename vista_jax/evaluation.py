@@ -15,6 +15,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -192,19 +193,32 @@ def write_npz(path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_predictions(path, predictions: dict[str, Predictions]) -> None:
-    """Every model's logits on one set of candidates, with their labels and users (what a
-    paired test between runs needs): npz arrays `label`, `user` and `logit.<model>`."""
+class CandidateLogits(NamedTuple):
+    """Every model's logits on one set of candidates (what a paired test needs)."""
+
+    label: np.ndarray  # [N]
+    user: np.ndarray  # [N]: the unit a paired bootstrap resamples
+    logits: dict[str, np.ndarray]  # model -> [N]
+
+
+def shared_candidates(predictions: dict[str, Predictions]) -> CandidateLogits:
+    """The models' predictions as one `CandidateLogits`; a ValueError naming the model when
+    they were not all scored on the same candidates (labels and users in the same order)."""
     first = next(iter(predictions.values()))
     for name, p in predictions.items():
         if not (np.array_equal(p.label, first.label) and np.array_equal(p.user, first.user)):
             raise ValueError(f"{name} was not scored on the same candidates as the others")
-    arrays = {"label": first.label, "user": first.user}
-    write_npz(path, arrays | {f"logit.{name}": p.logit for name, p in predictions.items()})
+    return CandidateLogits(first.label, first.user, {n: p.logit for n, p in predictions.items()})
 
 
-def read_predictions(path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(labels, users, {model: logits}) of a `write_predictions` file."""
+def write_predictions(path, scored: CandidateLogits) -> None:
+    """npz arrays `label`, `user` and `logit.<model>` (atomically)."""
+    logits = {f"logit.{name}": logit for name, logit in scored.logits.items()}
+    write_npz(path, {"label": scored.label, "user": scored.user} | logits)
+
+
+def read_predictions(path) -> CandidateLogits:
+    """What `write_predictions` wrote."""
     with np.load(path) as f:
         logits = {k.removeprefix("logit."): f[k] for k in f.files if k.startswith("logit.")}
-        return f["label"], f["user"], logits
+        return CandidateLogits(f["label"], f["user"], logits)

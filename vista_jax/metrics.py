@@ -1,7 +1,8 @@
 """Evaluation metrics in numpy (evaluation runs on host, in float64).
 
 Binary (CTR-style): `auc`, `log_loss`, `normalized_entropy`, `binary_metrics`, and
-`paired_auc_bootstrap` (is one model's AUC above another's on the same candidates?).
+`paired_auc_bootstrap` (is one model's AUC above another's on the same candidates?) and its
+many-model forms, `paired_auc_bootstraps` and `paired_auc_tests`.
 Retrieval (one target among N scored items): `seen_mask`, `rank_of_target`, `ranking_metrics`.
 """
 
@@ -101,30 +102,57 @@ def paired_auc_bootstraps(
 ) -> dict[str, dict]:
     """`paired_auc_bootstrap(labels, scores_a, b, ...)` for every b in `others`, sharing the
     resamples and model a's resampled AUCs (drawn and computed once, not once per b)."""
-    _, group_of = np.unique(np.asarray(groups), return_inverse=True)
-    num_groups = int(group_of.max()) + 1 if len(group_of) else 0
-    rng = np.random.default_rng(seed)
-    # Per resample, how often each group was drawn ([S, G]: small; expanded per use).
-    draws = [
-        np.bincount(rng.integers(0, num_groups, num_groups), minlength=num_groups)
-        for _ in range(num_samples)
-    ]
-    ones = np.ones(len(group_of))
-    auc_a = weighted_auc_fn(labels, scores_a)
-    base_a, resampled_a = auc_a(ones), np.array([auc_a(d[group_of]) for d in draws])
-    out = {}
-    for name, scores_b in others.items():
-        auc_b = weighted_auc_fn(labels, scores_b)
-        resampled = resampled_a - np.array([auc_b(d[group_of]) for d in draws])
+    resamples = GroupResamples(groups, num_samples, seed)
+    a = resamples.aucs(labels, scores_a)
+    return {name: resamples.test(a, resamples.aucs(labels, b)) for name, b in others.items()}
+
+
+def paired_auc_tests(
+    labels, pairs: dict[str, tuple], groups, num_samples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """`paired_auc_bootstrap` of every named (scores_a, scores_b) pair on the same candidates,
+    all on one set of resamples (e.g. each model of two runs against itself)."""
+    resamples = GroupResamples(groups, num_samples, seed)
+    return {
+        name: resamples.test(resamples.aucs(labels, a), resamples.aucs(labels, b))
+        for name, (a, b) in pairs.items()
+    }
+
+
+class GroupResamples:
+    """Bootstrap resamples over groups: each draws as many groups as there are, with
+    replacement, and weighs every candidate by how often its group was drawn."""
+
+    def __init__(self, groups, num_samples: int, seed: int):
+        _, self.group_of = np.unique(np.asarray(groups), return_inverse=True)
+        self.num_groups = int(self.group_of.max()) + 1 if len(self.group_of) else 0
+        self.num_samples = int(num_samples)
+        rng = np.random.default_rng(seed)
+        # Per resample, how often each group was drawn ([S, G]: small; expanded per use).
+        self.draws = [
+            np.bincount(
+                rng.integers(0, self.num_groups, self.num_groups), minlength=self.num_groups
+            )
+            for _ in range(num_samples)
+        ]
+
+    def aucs(self, labels, scores) -> tuple[float, np.ndarray]:
+        """The AUC on the data as is, and on every resample."""
+        auc_of = weighted_auc_fn(labels, scores)
+        resampled = np.array([auc_of(d[self.group_of]) for d in self.draws])
+        return auc_of(np.ones(len(self.group_of))), resampled
+
+    def test(self, a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> dict:
+        """AUC(a) − AUC(b) from two `aucs` results: diff, ci95, two-sided p, counts."""
+        resampled = a[1] - b[1]
         far_side = min(np.mean(resampled <= 0.0), np.mean(resampled >= 0.0))
-        out[name] = {
-            "diff": float(base_a - auc_b(ones)),
+        return {
+            "diff": float(a[0] - b[0]),
             "ci95": [float(np.quantile(resampled, 0.025)), float(np.quantile(resampled, 0.975))],
-            "p_value": float(min(1.0, max(2.0 * far_side, 1.0 / num_samples))),
-            "num_samples": int(num_samples),
-            "num_groups": num_groups,
+            "p_value": float(min(1.0, max(2.0 * far_side, 1.0 / self.num_samples))),
+            "num_samples": self.num_samples,
+            "num_groups": self.num_groups,
         }
-    return out
 
 
 def _binary_entropy(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -354,9 +354,10 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
         results["models"][name] = scores | ({"train": train} if train else {})
         _log(f"[evaluate] {name}: {scores} ({time.monotonic() - t0:.1f}s)")
     if ranking:
-        results["paired"] = paired_comparisons(predictions, config.eval.bootstrap_samples)
+        scored = evaluation.shared_candidates(predictions)
+        results["paired"] = paired_comparisons(scored, config.eval.bootstrap_samples)
         if distributed.is_primary():  # For paired tests between runs (e.g. a sweep's points).
-            evaluation.write_predictions(pathlib.Path(workdir) / PREDICTIONS_FILE, predictions)
+            evaluation.write_predictions(pathlib.Path(workdir) / PREDICTIONS_FILE, scored)
     if ranking and "cand_prob" in items[0]:
         labels = np.concatenate([e["cand_label"] for e in items])
         probs = np.concatenate([e["cand_prob"] for e in items])
@@ -370,16 +371,12 @@ def evaluate(config: ExperimentConfig, workdir, data) -> dict:
 PAIRED_REFERENCE = "vista_downstream"  # What every other model is compared with.
 
 
-def paired_comparisons(predictions: dict, num_samples: int) -> dict:
+def paired_comparisons(scored: evaluation.CandidateLogits, num_samples: int) -> dict:
     """AUC(vista_downstream) - AUC(model) for every other model, bootstrapped over users."""
-    ref = predictions[PAIRED_REFERENCE]
-    others = {n: p for n, p in predictions.items() if n != PAIRED_REFERENCE}
-    for name, p in others.items():
-        if not (np.array_equal(p.label, ref.label) and np.array_equal(p.user, ref.user)):
-            raise ValueError(f"{name} was not scored on the same candidates as {PAIRED_REFERENCE}")
+    others = {n: logit for n, logit in scored.logits.items() if n != PAIRED_REFERENCE}
     out = {"reference": PAIRED_REFERENCE, "unit": "user"}
     out["models"] = metrics.paired_auc_bootstraps(
-        ref.label, ref.logit, {n: p.logit for n, p in others.items()}, ref.user, num_samples
+        scored.label, scored.logits[PAIRED_REFERENCE], others, scored.user, num_samples
     )
     return out
 
