@@ -394,7 +394,7 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
             out["points"][point.name] = kept
             continue
         a, b = map(evaluation.read_predictions, files)
-        if not (np.array_equal(a.label, b.label) and np.array_equal(a.user, b.user)):
+        if not evaluation.same_candidates(a, b):
             out["not_paired"][point.name] = f"scored other candidates than {ref.name}"
             continue
         pairs = {m: (a.logits[m], b.logits[m]) for m in a.logits if m in b.logits}

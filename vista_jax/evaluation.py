@@ -201,12 +201,18 @@ class CandidateLogits(NamedTuple):
     logits: dict[str, np.ndarray]  # model -> [N]
 
 
+def same_candidates(a, b) -> bool:
+    """Whether two scorings (`Predictions` or `CandidateLogits`) are of the same candidates:
+    labels and users equal, in the same order."""
+    return np.array_equal(a.label, b.label) and np.array_equal(a.user, b.user)
+
+
 def shared_candidates(predictions: dict[str, Predictions]) -> CandidateLogits:
     """The models' predictions as one `CandidateLogits`; a ValueError naming the model when
     they were not all scored on the same candidates (labels and users in the same order)."""
     first = next(iter(predictions.values()))
     for name, p in predictions.items():
-        if not (np.array_equal(p.label, first.label) and np.array_equal(p.user, first.user)):
+        if not same_candidates(p, first):
             raise ValueError(f"{name} was not scored on the same candidates as the others")
     return CandidateLogits(first.label, first.user, {n: p.logit for n, p in predictions.items()})
 
