@@ -157,6 +157,9 @@ def test_reconstruction_cannot_copy_its_target_from_padding():
 
     model = _model()
     decoder = ReconstructionDecoder(model.cfg, nnx.Rngs(1))
+    # The head starts at zero, which would make any input inert; give it weights.
+    head = decoder.head.kernel
+    head[...] = jax.random.normal(jax.random.key(2), head.shape)
     item = np.zeros((1, 8), np.int32)
     item[0, 0] = 7
     valid = np.arange(8)[None] < 1
@@ -166,3 +169,32 @@ def test_reconstruction_cannot_copy_its_target_from_padding():
     grads = nnx.grad(loss)(model)
     assert float(loss(model)) > 0
     np.testing.assert_array_equal(grads["embed"]["item"]["embedding"][...][7], 0.0)
+
+
+@pytest.mark.parametrize("summary_scale", [1.0, 30.0])
+def test_reconstruction_starts_at_the_trivial_loss(summary_scale):
+    """At initialization the decoder predicts zero whatever the summaries' scale, so the loss
+    is exactly 1 (unit-norm targets) and only the head gets a gradient: reconstruction cannot
+    swamp the task's first updates. The residual once reached the head unnormalized, and the
+    first loss grew with the summaries' norm (about d + 1 for unit-RMS summaries)."""
+    from vista_jax.models.summarizer import ReconstructionDecoder, reconstruction_loss
+
+    model, events = _model(), _events(seed=3)
+    decoder = ReconstructionDecoder(model.cfg, nnx.Rngs(1))
+    item, _, _, valid = events
+    keep = np.asarray(valid).any(axis=1)
+    item, valid = item[keep], valid[keep]
+    shape = (item.shape[0], model.cfg.num_seeds, model.cfg.d_model)
+    summary = summary_scale * jax.random.normal(jax.random.key(0), shape)
+
+    loss = lambda dec, s: reconstruction_loss(model, dec, s, item, valid)  # noqa: E731
+    np.testing.assert_allclose(float(loss(decoder, summary)), 1.0, rtol=1e-5)
+    grads = nnx.grad(loss)(decoder, summary)
+    norms = {
+        "/".join(map(str, path)): float(jnp.linalg.norm(g[...]))
+        for path, g in nnx.to_flat_state(grads)
+    }
+    assert norms["head/kernel"] > 0, norms
+    assert all(v == 0 for k, v in norms.items() if not k.startswith("head/")), norms
+    summary_grad = jax.grad(lambda s: loss(decoder, s))(summary)
+    np.testing.assert_array_equal(summary_grad, 0.0)

@@ -14,11 +14,18 @@ _dense_init = nnx.initializers.lecun_normal()
 _embed_init = nnx.initializers.normal(stddev=0.02)
 
 
-def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs, **kw):
+def dense(
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+    kernel_init=_dense_init,
+    **kw,
+):
     return nnx.Linear(
         d_in,
         d_out,
-        kernel_init=nnx.with_partitioning(_dense_init, axes),
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,
         **kw,

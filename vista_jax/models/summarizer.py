@@ -221,6 +221,12 @@ class ReconstructionDecoder(nnx.Module):
     """Causal decoder over [s_1..s_K, u_1..u_M] regressing each next item embedding.
 
     Reads a bounded window (the last M events), so its cost does not grow with history.
+
+    The head reads a normalized residual and starts at zero, so the first loss is the
+    trivial 1 (unit-norm targets) and the task sets the early pace. Without the norm the
+    residual carries the unit-RMS summaries, the first loss is about d + 1 and its gradient
+    hundreds of times the task's; under global-norm clipping the early updates were then
+    all reconstruction.
     """
 
     def __init__(self, cfg: SummarizerConfig, rngs: nnx.Rngs):
@@ -233,7 +239,10 @@ class ReconstructionDecoder(nnx.Module):
         self.out = dense(d, d, ("heads", "embed"), rngs)
         self.ffn_norm = rms_norm(d, rngs)
         self.ffn = SGLU(d, cfg.sglu_hidden, rngs)
-        self.head = dense(d, d, ("embed", None), rngs)
+        # Ones-initialized, it draws nothing; its own Rngs leaves the shared stream (and so
+        # the initialization of every module built after the decoder) as it was.
+        self.final_norm = rms_norm(d, nnx.Rngs(0))
+        self.head = dense(d, d, ("embed", None), rngs, kernel_init=nnx.initializers.zeros_init())
 
     def __call__(self, summary_BxKxD, window_BxMxD, window_valid_BxM):
         k, m = summary_BxKxD.shape[1], window_BxMxD.shape[1]
@@ -246,7 +255,7 @@ class ReconstructionDecoder(nnx.Module):
         x = x + self.out(o.reshape(x.shape))
         x = x + self.ffn(self.ffn_norm(x))
         # Position K-1+i (the last summary, then u_1..u_{M-1}) predicts u_{i+1}.
-        return self.head(x[:, k - 1 : k - 1 + m])
+        return self.head(self.final_norm(x[:, k - 1 : k - 1 + m]))
 
 
 def reconstruction_window(summarizer: Summarizer, item, valid, window: int):
