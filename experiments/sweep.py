@@ -373,6 +373,13 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
     def done(point) -> bool:
         return (workdir / "points" / f"{point.name}.json").exists()
 
+    digests = {}  # A reference's predictions are hashed once, not once per point paired.
+
+    def sha256(path: pathlib.Path) -> str:
+        if path not in digests:
+            digests[path] = _sha256(path)
+        return digests[path]
+
     for point in points:
         ref = reference.get(point.seed)
         if ref is None or point.x == first_x or not (done(ref) and done(point)):
@@ -387,7 +394,7 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
             )
             continue
         entry = {"x": point.x, "seed": point.seed, "against": ref.name,
-                 "files_sha256": [_sha256(f) for f in files]}  # fmt: skip
+                 "files_sha256": [sha256(f) for f in files]}  # fmt: skip
         kept = tested.get(point.name, {})
         same = {k: kept.get(k) for k in entry} == entry
         if same and all(t["num_samples"] == num_samples for t in kept["models"].values()):
