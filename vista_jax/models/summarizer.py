@@ -239,8 +239,8 @@ class ReconstructionDecoder(nnx.Module):
         self.out = dense(d, d, ("heads", "embed"), rngs)
         self.ffn_norm = rms_norm(d, rngs)
         self.ffn = SGLU(d, cfg.sglu_hidden, rngs)
-        # Ones-initialized, it draws nothing; its own Rngs leaves the shared stream (and so
-        # the initialization of every module built after the decoder) as it was.
+        # All ones, yet nnx takes a key to build it; its own Rngs leaves the shared stream
+        # (and so the initialization of every module built after the decoder) as it was.
         self.final_norm = rms_norm(d, nnx.Rngs(0))
         self.head = dense(d, d, ("embed", None), rngs, kernel_init=nnx.initializers.zeros_init())
 
