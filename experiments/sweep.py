@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -373,12 +374,7 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
     def done(point) -> bool:
         return (workdir / "points" / f"{point.name}.json").exists()
 
-    digests = {}  # A reference's predictions are hashed once, not once per point paired.
-
-    def sha256(path: pathlib.Path) -> str:
-        if path not in digests:
-            digests[path] = _sha256(path)
-        return digests[path]
+    sha256 = functools.cache(_sha256)  # A reference's predictions are hashed once.
 
     for point in points:
         ref = reference.get(point.seed)
