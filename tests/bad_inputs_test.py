@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -40,7 +41,7 @@ from experiments import common
 from experiments.eventlog import config as eventlog_config
 from experiments.synthetic import config as synthetic_config
 from vista_jax import pipeline
-from vista_jax.checkpoints import restore_module
+from vista_jax.checkpoints import params_of, restore_module
 from vista_jax.config import from_config_dict
 from vista_jax.data import examples, loaders
 from vista_jax.data.eventlog import EventLogError, EventLogOptions
@@ -658,3 +659,33 @@ def test_workdir_that_is_a_file_is_refused_before_training(tmp_path, trained):
     with pytest.raises(WorkdirError) as error:
         pipeline.train_and_evaluate(trained[0], tmp_path / "work" / "sub", "all")
     check_message(error.value, WorkdirError, [str(tmp_path / "work")])
+
+
+class _Proj(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, *, norm: bool):
+        self.proj = nnx.Linear(4, 4, rngs=rngs)
+        self.norm = nnx.RMSNorm(4, rngs=rngs) if norm else None
+
+
+def _write_module(directory: pathlib.Path, module: nnx.Module) -> None:
+    handlers = {"summarizer": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_names=("summarizer",), item_handlers=handlers) as m:
+        m.save(1, args=ocp.args.Composite(summarizer=ocp.args.StandardSave(params_of(module))))
+        m.wait_until_finished()
+
+
+@pytest.mark.parametrize("written_with_norm", [False, True])
+def test_checkpoint_of_another_model_version_names_the_arrays(tmp_path, written_with_norm):
+    """A checkpoint written by a model with other arrays (e.g. before a layer was added) is
+    one clear error naming them, not a fall-back through every step as if all were corrupt."""
+    _write_module(tmp_path / "source", _Proj(nnx.Rngs(0), norm=written_with_norm))
+    with pytest.raises(CheckpointError) as error:
+        restore_module(
+            tmp_path / "source", "summarizer", _Proj(nnx.Rngs(1), norm=not written_with_norm)
+        )
+    where = "model" if written_with_norm else "checkpoint"
+    check_message(
+        error.value,
+        CheckpointError,
+        [str(tmp_path / "source"), "step 1", "norm/scale", f"not in the {where}"],
+    )

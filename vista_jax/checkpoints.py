@@ -5,7 +5,8 @@ optimizer state), `data` (the input iterator's state, JSON) and `meta` (JSON: wh
 was trained from, e.g. the cache version of a downstream ranker). A later stage restores one
 item alone. Restores check shapes first (a config that differs from the run that wrote the
 checkpoint is named, field by field) and fall back from an unreadable latest step to the
-newest good one, with a warning naming the bad step.
+newest good one, with a warning naming the bad step; a step that fails because it holds other
+arrays than the model (written by another version of it) is an error naming them instead.
 """
 
 from __future__ import annotations
@@ -88,6 +89,24 @@ def _shape_mismatches(mngr, step: int, targets: Mapping) -> list[str]:
     return out
 
 
+def _other_arrays(mngr, step: int, targets: Mapping) -> list[str]:
+    """`item/path: not in the checkpoint` (or `not in the model`) for every array that only
+    one side has; [] when the step's metadata is unreadable (then it is damaged, not other)."""
+    try:
+        stored = mngr.item_metadata(step)
+    except Exception:
+        return []
+    out = []
+    for item, target in targets.items():
+        meta = stored.get(item) if stored is not None else None
+        if meta is None:
+            continue
+        have, want = _leaf_shapes(meta), _leaf_shapes(target)
+        out += [f"{item}/{n}: not in the checkpoint" for n in sorted(want.keys() - have.keys())]
+        out += [f"{item}/{n}: not in the model" for n in sorted(have.keys() - want.keys())]
+    return out
+
+
 def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
     """(step, {item: restored}) from the newest readable step (or `step`).
 
@@ -117,6 +136,12 @@ def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
         try:
             return s, mngr.restore(s, args=ocp.args.Composite(**args))
         except Exception as e:  # Truncated or corrupt arrays: try an older step.
+            if other := _other_arrays(mngr, s, targets):  # Unless it is another model.
+                raise CheckpointError(
+                    f"checkpoint step {s} under {where} was written by another version of "
+                    "the model: " + "; ".join(other[:3]) + ". Fix: restore it with the code "
+                    "and config that wrote it, or retrain that stage in a new --workdir"
+                ) from e
             _warn_bad(where, s, e)
     raise CheckpointError(
         f"no readable checkpoint under {where} (tried steps {steps}). Fix: delete the "
