@@ -516,7 +516,7 @@ def test_command_line_user_errors(tmp_path, case):
     workdir = tmp_path / "work"
     run = subprocess.run(
         [sys.executable, "run.py", f"--workdir={workdir}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]

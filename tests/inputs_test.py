@@ -48,7 +48,7 @@ def test_data_build_entry_point(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "data.build", "--config=experiments/synthetic/config.py:tiny",
          f"--data_dir={tmp_path}"],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        cwd=root, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "60 users" in run.stdout and "(ranking)" in run.stdout

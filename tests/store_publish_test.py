@@ -210,7 +210,7 @@ def test_killed_build_leaves_an_attempt_that_collection_removes(tmp_path):
                                    config_hash="cfg", summarizer_step=1)
     """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert _keys(root, context, "versions/v2/attempts/")
     assert _current(root, context) == "v1"

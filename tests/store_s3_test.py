@@ -222,7 +222,7 @@ def test_killed_build_on_s3_leaves_an_attempt_that_collection_removes(s3_root):
                                    config_hash="cfg", summarizer_step=1, chunk_rows=10)
     """
     env = {**os.environ, "PYTHONPATH": str(publish.REPO)}
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=120)
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=600)
     assert run.returncode == -signal.SIGKILL
     assert publish._keys(root, context, "versions/v2/attempts/")  # shards of the first rows
     assert publish._current(root, context) == "v1"
