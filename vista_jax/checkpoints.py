@@ -74,37 +74,22 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
     return out
 
 
-def _shape_mismatches(mngr, step: int, targets: Mapping) -> list[str]:
-    """`item/path: checkpoint (..), config (..)` for every array whose shape differs."""
+def _differences(mngr, step: int, targets: Mapping) -> tuple[list[str], list[str]]:
+    """From one read of the step's metadata: (`item/path: checkpoint (..), config (..)` for
+    every array whose shape differs, `item/path: not in the checkpoint` or `not in the model`
+    for every array that only one side has)."""
     stored = mngr.item_metadata(step)
-    out = []
-    for item, target in targets.items():
-        meta = stored.get(item) if stored is not None else None
-        if meta is None:
-            continue
-        have = _leaf_shapes(meta)
-        for name, shape in _leaf_shapes(target).items():
-            if name in have and have[name] != shape:
-                out.append(f"{item}/{name}: checkpoint {have[name]}, config {shape}")
-    return out
-
-
-def _other_arrays(mngr, step: int, targets: Mapping) -> list[str]:
-    """`item/path: not in the checkpoint` (or `not in the model`) for every array that only
-    one side has; [] when the step's metadata is unreadable (then it is damaged, not other)."""
-    try:
-        stored = mngr.item_metadata(step)
-    except Exception:
-        return []
-    out = []
+    shapes, other = [], []
     for item, target in targets.items():
         meta = stored.get(item) if stored is not None else None
         if meta is None:
             continue
         have, want = _leaf_shapes(meta), _leaf_shapes(target)
-        out += [f"{item}/{n}: not in the checkpoint" for n in sorted(want.keys() - have.keys())]
-        out += [f"{item}/{n}: not in the model" for n in sorted(have.keys() - want.keys())]
-    return out
+        shapes += [f"{item}/{n}: checkpoint {have[n]}, config {shape}"
+                   for n, shape in want.items() if n in have and have[n] != shape]  # fmt: skip
+        other += [f"{item}/{n}: not in the checkpoint" for n in sorted(want.keys() - have.keys())]
+        other += [f"{item}/{n}: not in the model" for n in sorted(have.keys() - want.keys())]
+    return shapes, other
 
 
 def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
@@ -123,7 +108,7 @@ def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
     args |= {k: ocp.args.JsonRestore() for k in json_items}
     for s in steps:
         try:
-            mismatches = _shape_mismatches(mngr, s, targets)
+            mismatches, other = _differences(mngr, s, targets)
         except Exception as e:  # Unreadable metadata: the step is damaged.
             _warn_bad(where, s, e)
             continue
@@ -136,7 +121,7 @@ def restore(mngr, targets: Mapping, *, json_items=(), step: int | None = None):
         try:
             return s, mngr.restore(s, args=ocp.args.Composite(**args))
         except Exception as e:  # Truncated or corrupt arrays: try an older step.
-            if other := _other_arrays(mngr, s, targets):  # Unless it is another model.
+            if other:  # Unless it was written by another version of the model.
                 raise CheckpointError(
                     f"checkpoint step {s} under {where} was written by another version of "
                     "the model: " + "; ".join(other[:3]) + ". Fix: restore it with the code "
