@@ -19,7 +19,8 @@ normalized AUC, (AUC − .5) / (oracle − .5); the paired test against `vista_d
 (`results.json` `paired`: mean Δ AUC over seeds and the largest p of any seed); training
 examples/s, scoring requests/s and epochs. Writes `experiments/results/RESULTS.md`, one PNG
 per setting beside it, and the headline table (VISTA against the best non-VISTA model of
-each setting) into README.md between its `results:begin` and `results:end` markers.
+each setting; an ablation sweep's points are in the ablations table instead) into README.md
+between its `results:begin` and `results:end` markers.
 """
 
 from __future__ import annotations
@@ -150,8 +151,15 @@ def natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def is_ablation_point(run: Run) -> bool:
+    """A point of a sweep that publishes paired tests (`paired.json`): an ablation of VISTA,
+    reported in the ablations table against its default, not as a setting of its own."""
+    source = pathlib.Path(run.source)
+    return source.parent.name == "points" and (source.parents[1] / "paired.json").is_file()
+
+
 def summarize(runs: list[Run]) -> dict:
-    """{setting: {"seeds", "oracle", "models": {name: {column: values or text}}}}."""
+    """{setting: {"seeds", "ablation", "oracle", "models": {name: {column: values or text}}}}."""
     by_setting = collections.defaultdict(list)
     for run in runs:
         by_setting[run.setting].append(run)
@@ -195,6 +203,7 @@ def summarize(runs: list[Run]) -> dict:
             models[name] = entry
         out[setting] = {
             "seeds": seeds,
+            "ablation": all(is_ablation_point(r) for r in group),
             "oracle": mean_std(oracles)[0] if oracles else None,
             "models": models,
             "commits": sorted({c for r in group for c in r.commit.split(",")}),
@@ -237,12 +246,13 @@ def best_other(models: dict) -> str | None:
 
 
 def headline(summaries: dict) -> str:
+    """One row per setting that is not an ablation point (those have their own table)."""
     head = ["setting", "seeds", f"{REFERENCE} AUC", "best other model", "its AUC"]
     head += ["Δ AUC (largest p)", "oracle AUC"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for setting, s in summaries.items():
         ref, other = s["models"].get(REFERENCE), best_other(s["models"])
-        if ref is None or other is None:
+        if s["ablation"] or ref is None or other is None:
             continue
         o = s["models"][other]
         diff = f"{cell(o['diff'])} ({p_text(o)})" if "diff" in o else "(no paired test)"
@@ -335,6 +345,9 @@ def markdown(summaries: dict, ablation_table: str = "") -> str:
         "requests/s on the machine that ran it (a shared 2-core CPU unless noted).",
         "",
         "## Headline: VISTA against the best model that is not VISTA",
+        "",
+        "Every setting but the points of an ablation sweep, which the ablations table below",
+        "compares with their default.",
         "",
         headline(summaries),
     ]

@@ -98,6 +98,18 @@ def test_ablations_table_pairs_each_value_with_the_default_over_seeds(filed):
     assert "| recon_weight=0.0 | recon_weight=1.0 | vista_downstream | 2 |" in down
     assert "| 0.7900 ± 0.0100 | 0.7550 ± 0.0050 | 0.0350 ± 0.0050 (0.030) |" in down
     assert text.index("## Ablations") < text.index("## syn")
+    # The points have their own sections; in the headline, only the settings that are not
+    # an ablation's points: a sweep without paired tests (a scaling curve) stays there.
+    assert "## synthetic sweep: recon_weight=0.0" in text
+    head = report.headline(report.summarize(report.collect(out, tmp_path)))
+    assert "| syn |" in head and "recon_weight" not in head
+    curve = tmp_path / "experiments/synthetic/results/sweep_history_len/points"
+    curve.mkdir(parents=True)
+    point = {"x_key": "data.history_len", "x": 32, "seed": 0, "stage_wall_s": {"a": 60.0}}
+    point |= _results(0, {"vista_downstream": 0.7, "recent_only": 0.6})
+    (curve / "history_len=32-seed=0.json").write_text(json.dumps(point))
+    head = report.headline(report.summarize(report.collect(out, tmp_path)))
+    assert "| synthetic sweep: history_len=32 |" in head and "recon_weight" not in head
 
 
 def test_filing_refuses_a_second_copy_of_a_seed_and_other_tasks(filed, tmp_path):
