@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from flax import nnx
+from subprocesses import TIMEOUT_S
 
 from experiments import common
 from experiments.eventlog import config as eventlog_config
@@ -516,7 +517,7 @@ def test_command_line_user_errors(tmp_path, case):
     workdir = tmp_path / "work"
     run = subprocess.run(
         [sys.executable, "run.py", f"--workdir={workdir}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]

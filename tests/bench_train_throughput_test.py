@@ -5,13 +5,15 @@ import json
 import subprocess
 import sys
 
+from subprocesses import TIMEOUT_S
+
 
 def test_record_has_the_timed_model_and_its_loss_breakdown():
     flags = ["--models=hstu", "--steps=1", "--batch=4", "--window=20", "--d_model=8",
              "--num_negatives=16", "--data_dir="]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench.train_throughput", *flags],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True, text=True, check=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["config"]["batches"] == "full" and out["config"]["window"] == 20

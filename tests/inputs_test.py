@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from subprocesses import TIMEOUT_S
 
 from experiments.eventlog import config as eventlog_config
 from vista_jax import pipeline
@@ -48,7 +49,7 @@ def test_data_build_entry_point(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "data.build", "--config=experiments/synthetic/config.py:tiny",
          f"--data_dir={tmp_path}"],
-        cwd=root, capture_output=True, text=True, timeout=600,
+        cwd=root, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "60 users" in run.stdout and "(ranking)" in run.stdout

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import pytest
+from subprocesses import TIMEOUT_S
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -32,7 +33,7 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
     client.execute()  # Raises CellExecutionError, with the cell's traceback, on any error.
     text = "\n".join(

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import pytest
 import tensorstore as ts
+from subprocesses import TIMEOUT_S
 
 import vista_jax.store as store_module
 from vista_jax.store import RowBlock, SummaryStore, SummaryStoreError
@@ -210,7 +211,9 @@ def test_killed_build_leaves_an_attempt_that_collection_removes(tmp_path):
                                    config_hash="cfg", summarizer_step=1)
     """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=TIMEOUT_S
+    )
     assert proc.returncode == -signal.SIGKILL
     assert _keys(root, context, "versions/v2/attempts/")
     assert _current(root, context) == "v1"

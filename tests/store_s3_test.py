@@ -28,6 +28,7 @@ import uuid
 import numpy as np
 import pytest
 import tensorstore as ts
+from subprocesses import TIMEOUT_S
 
 moto_server = pytest.importorskip(
     "moto.server", reason="moto[server] is not installed (pip install -r requirements.txt)"
@@ -222,7 +223,9 @@ def test_killed_build_on_s3_leaves_an_attempt_that_collection_removes(s3_root):
                                    config_hash="cfg", summarizer_step=1, chunk_rows=10)
     """
     env = {**os.environ, "PYTHONPATH": str(publish.REPO)}
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=TIMEOUT_S
+    )
     assert run.returncode == -signal.SIGKILL
     assert publish._keys(root, context, "versions/v2/attempts/")  # shards of the first rows
     assert publish._current(root, context) == "v1"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from absl.app import UsageError
 from data_env import real_data_dir
+from subprocesses import TIMEOUT_S
 
 from experiments.ml1m import models
 from vista_jax import metrics
@@ -25,7 +26,7 @@ def _run(tmp_path, name, *flags, check=True):
     data_dir = real_data_dir("ml-100k").parent
     cmd = [sys.executable, "-m", "experiments.ml1m.train_sequential", f"--data_dir={data_dir}"]
     proc = subprocess.run(
-        cmd + SMALL + [f"--out={out}", *flags], capture_output=True, text=True, timeout=600
+        cmd + SMALL + [f"--out={out}", *flags], capture_output=True, text=True, timeout=TIMEOUT_S
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
