@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -41,8 +40,8 @@ from subprocesses import TIMEOUT_S
 from experiments import common
 from experiments.eventlog import config as eventlog_config
 from experiments.synthetic import config as synthetic_config
-from vista_jax import pipeline
-from vista_jax.checkpoints import params_of, restore_module
+from vista_jax import checkpoints, pipeline
+from vista_jax.checkpoints import restore_module
 from vista_jax.config import from_config_dict
 from vista_jax.data import examples, loaders
 from vista_jax.data.eventlog import EventLogError, EventLogOptions
@@ -669,10 +668,11 @@ class _Proj(nnx.Module):
 
 
 def _write_module(directory: pathlib.Path, module: nnx.Module) -> None:
-    handlers = {"summarizer": ocp.StandardCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_names=("summarizer",), item_handlers=handlers) as m:
-        m.save(1, args=ocp.args.Composite(summarizer=ocp.args.StandardSave(params_of(module))))
-        m.wait_until_finished()
+    """Step 1 of a training checkpoint of `module` as "summarizer", as the trainer writes it."""
+    with checkpoints.manager(directory, ("summarizer",)) as mngr:
+        opt_state = {"count": np.zeros((), np.int32)}
+        checkpoints.save(mngr, 1, {"summarizer": module}, opt_state, {}, {"step": 1})
+        mngr.wait_until_finished()
 
 
 @pytest.mark.parametrize("written_with_norm", [False, True])
