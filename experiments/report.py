@@ -17,7 +17,8 @@ Sources, one setting each:
 Per setting and model: mean ± std over seeds of AUC, log loss and NE; on synthetic data the
 normalized AUC, (AUC − .5) / (oracle − .5); the paired test against `vista_downstream`
 (`results.json` `paired`: mean Δ AUC over seeds and the largest p of any seed); training
-examples/s, scoring requests/s and epochs. Writes `experiments/results/RESULTS.md`, one PNG
+examples/s, scoring requests/s and epochs; for filed `run.py` runs, the command that reruns
+a seed (from the one each recorded). Writes `experiments/results/RESULTS.md`, one PNG
 per setting beside it, and the headline table (VISTA against the best non-VISTA model of
 each setting; an ablation sweep's points are in the ablations table instead) into README.md
 between its `results:begin` and `results:end` markers.
@@ -32,6 +33,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import tempfile
 
 import numpy as np
@@ -60,6 +62,7 @@ class Run:
     commit: str
     wall_s: float
     source: str
+    command: str = ""  # The run.py command line a filed run recorded, if any.
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -68,8 +71,35 @@ def from_results(setting: str, results: dict, source: str) -> Run:
     return Run(
         setting, int(prov.get("seed", 0)), results["models"], results.get("paired"),
         results.get("oracle_auc"), prov.get("git_commit", "?"),
-        float(prov.get("wall_s", math.nan)), source,
+        float(prov.get("wall_s", math.nan)), source, prov.get("command", ""),
     )  # fmt: skip
+
+
+def rerun_command(recorded: str) -> str:
+    """A run's recorded `run.py` command as one a reader can run: `python`, a placeholder
+    workdir, and every stage (`--mode=all`: the command recorded is the one that wrote
+    results.json, the `evaluate` stage when the stages ran one by one)."""
+    args = shlex.split(recorded)
+    if len(args) < 2 or not args[1].endswith("run.py"):
+        return ""
+    out = ["python", "run.py"]
+    for arg in args[2:]:
+        if arg.startswith(("--workdir=", "--mode=")):
+            continue
+        out.append(arg)
+    return wrap(out + ["--workdir=WORKDIR", "--mode=all"])
+
+
+def wrap(args: list[str], width: int = 92) -> str:
+    """A shell command on lines of at most ~`width` characters, continued with backslashes."""
+    lines, line = [], ""
+    for word in map(shlex.quote, args):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line + " \\")
+            line = "    " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join(lines + [line])
 
 
 def from_sweep_point(point: dict, experiment: str, source: str) -> Run:
@@ -208,6 +238,7 @@ def summarize(runs: list[Run]) -> dict:
             "models": models,
             "commits": sorted({c for r in group for c in r.commit.split(",")}),
             "wall_s": [r.wall_s for r in group],
+            "commands": {r.seed: rerun_command(r.command) for r in group if r.command},
         }
     return out
 
@@ -377,6 +408,18 @@ def markdown(summaries: dict, ablation_table: str = "") -> str:
             "",
             f"![{setting}]({slug(setting)}.png)",
         ]
+        commands = {seed: c for seed, c in s.get("commands", {}).items() if c}
+        if commands:
+            seed, command = min(commands.items())
+            lines += [
+                "",
+                f"Rerun seed {seed} (another seed: its `--config.seed`), then file it with",
+                f"`python -m experiments.report --add=WORKDIR --setting={setting}`:",
+                "",
+                "```",
+                command,
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 

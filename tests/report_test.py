@@ -166,3 +166,27 @@ def test_ranking_summaries_are_settings_and_each_model_counts_its_own_seeds(tmp_
     assert vista.startswith("| vista_downstream | 2 | 0.8100 ± 0.0100 |")
     head = next(line for line in text.splitlines() if line.startswith("| ml1m event ranking |"))
     assert head.startswith("| ml1m event ranking | 2 vs 1 | 0.8100 ± 0.0100 | full_attention |")
+
+
+def test_a_filed_runs_recorded_command_becomes_one_a_reader_can_rerun(tmp_path):
+    out = tmp_path / "results"
+    many = " ".join(f"--config.k{i}={i}" for i in range(12))
+    recorded = (
+        "/work/x/.venv/bin/python run.py --config=experiments/synthetic/config.py "
+        f"--workdir=/work/runs/s3 --config.seed=3 --config.data.note='two words' {many} "
+        "--mode=evaluate"
+    )
+    for seed in (3, 4):
+        results = _results(seed, {"vista_downstream": 0.7, "recent_only": 0.6})
+        results["provenance"]["command"] = recorded.replace("seed=3", f"seed={seed}")
+        report.add(_workdir(tmp_path, f"w{seed}", results), "syn", out, False)
+    text = report.report(out, tmp_path, None)
+    assert "Rerun seed 3 (another seed: its `--config.seed`)" in text
+    block = text.split("```\n")[1]
+    assert all(len(line) <= 96 for line in block.splitlines())
+    args = report.shlex.split(block.replace("\\\n", " "))
+    assert args[:4] == ["python", "run.py", "--config=experiments/synthetic/config.py",
+                        "--config.seed=3"]  # fmt: skip
+    assert "--config.data.note=two words" in args and "--config.k11=11" in args
+    assert args[-2:] == ["--workdir=WORKDIR", "--mode=all"] and "/work/runs/s3" not in block
+    assert report.rerun_command("python -m experiments.sweep --sweep=x") == ""  # Not run.py.
