@@ -23,7 +23,10 @@ directory that is committed (experiments/<name>/results/sweep_<NAME>/).
 
 Resume: a point with `points/<point>.json` is skipped. Any other point resumes at the first
 stage its `stages.json` does not record as finished, and training stages resume from their
-checkpoints, so a `kill -9` loses at most the work since the last checkpoint.
+checkpoints, so a `kill -9` loses at most the work since the last checkpoint. To add seeds
+to a published sweep on another machine, copy its `points/` and `paired.json` into a new
+workdir and run the grid with more seeds (`:seeds=N`): its finished points are skipped and
+their pairs kept, the new seeds run and are paired.
 """
 
 from __future__ import annotations
@@ -361,7 +364,9 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
     what the change costs (positive: the default is better). A pair is tested only when both
     runs scored the same candidates (a history-length grid changes the data: not paired). A
     pair already in the workdir's paired.json, from the same two prediction files and number
-    of resamples, is kept as it is (a sweep re-tests only what changed).
+    of resamples, is kept as it is (a sweep re-tests only what changed); so is one whose two
+    runs are both gone from the workdir while their records stay (a published sweep copied into
+    a new workdir to add seeds: its runs, never published, cannot be re-tested).
     """
     workdir = pathlib.Path(workdir)
     first_x = points[0].x
@@ -382,6 +387,10 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
             continue
         files = [workdir / "runs" / p.name / pipeline.PREDICTIONS_FILE for p in (ref, point)]
         missing = [str(f.parent) for f in files if not f.exists()]
+        kept = tested.get(point.name, {})
+        if len(missing) == 2 and _same_test(kept, point, ref, num_samples):
+            out["points"][point.name] = kept  # Published earlier; its runs are not here.
+            continue
         if missing:
             out["not_paired"][point.name] = (
                 f"no {pipeline.PREDICTIONS_FILE} in {missing} (evaluated before they were "
@@ -391,9 +400,9 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
             continue
         entry = {"x": point.x, "seed": point.seed, "against": ref.name,
                  "files_sha256": [sha256(f) for f in files]}  # fmt: skip
-        kept = tested.get(point.name, {})
-        same = {k: kept.get(k) for k in entry} == entry
-        if same and all(t["num_samples"] == num_samples for t in kept["models"].values()):
+        if kept.get("files_sha256") == entry["files_sha256"] and _same_test(
+            kept, point, ref, num_samples
+        ):
             out["points"][point.name] = kept
             continue
         a, b = map(evaluation.read_predictions, files)
@@ -404,6 +413,16 @@ def paired_against_first(points: list[Point], workdir, num_samples: int) -> dict
         tests = metrics.paired_auc_tests(a.label, pairs, a.user, num_samples)
         out["points"][point.name] = entry | {"models": tests}
     return out
+
+
+def _same_test(kept: dict, point: Point, ref: Point, num_samples: int) -> bool:
+    """`kept` (an entry of an earlier paired.json) tested `point` against `ref`, as many times."""
+    which = (kept.get("x"), kept.get("seed"), kept.get("against"))
+    return (
+        bool(kept)
+        and which == (point.x, point.seed, ref.name)
+        and all(t["num_samples"] == num_samples for t in kept["models"].values())
+    )
 
 
 def _sha256(path: pathlib.Path) -> str:

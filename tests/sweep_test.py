@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -220,6 +221,32 @@ def test_a_rerun_keeps_finished_pairs_and_retests_changed_ones(tmp_path, monkeyp
         > first["points"]["recon_weight=0.0-seed=1"]["models"]["vista_downstream"]["diff"]
     )
     assert len(sweep.paired_against_first(points, tmp_path, 500)["points"]) == 2 and len(calls) == 3
+
+
+def test_seeds_added_to_a_published_ablation_in_a_new_workdir_keep_its_pairs(tmp_path):
+    published = tmp_path / "published"
+    sweep.run_sweep(CONFIG, "recon:tiny", tmp_path / "first", run_stage=FakeStages(),
+                    publish_dir=published)  # fmt: skip
+    before = json.loads((published / "paired.json").read_text())["points"]
+    work = tmp_path / "more_seeds"  # Another machine: the published results, no runs.
+    shutil.copytree(published / "points", work / "points")
+    shutil.copy2(published / "paired.json", work / "paired.json")
+    fake = FakeStages()
+    sweep.run_sweep(CONFIG, "recon:tiny,seeds=2", work, run_stage=fake, publish_dir=published)
+    assert sorted(name for name, _ in fake.calls) == [
+        "recon_weight=0.0-seed=1", "recon_weight=1.0-seed=1"]  # fmt: skip
+    paired = json.loads((published / "paired.json").read_text())
+    assert paired["not_paired"] == {}
+    assert paired["points"]["recon_weight=0.0-seed=0"] == before["recon_weight=0.0-seed=0"]
+    assert paired["points"]["recon_weight=0.0-seed=1"]["against"] == "recon_weight=1.0-seed=1"
+    # One run of a pair present and the other gone is not a published pair: not kept.
+    shutil.rmtree(work / "runs" / "recon_weight=0.0-seed=1")
+    (work / "runs" / "recon_weight=0.0-seed=1").mkdir()
+    points = sweep.grid(sweep.load_experiment(CONFIG)[0], "recon:tiny,seeds=2")
+    again = sweep.paired_against_first(points, work, 1000)
+    assert "recon_weight=0.0-seed=1" in again["not_paired"]
+    # Other resamples than the published test: the pair cannot be kept, nor re-tested.
+    assert "recon_weight=0.0-seed=0" in sweep.paired_against_first(points, work, 500)["not_paired"]
 
 
 def test_points_on_other_candidates_are_not_paired(tmp_path):
