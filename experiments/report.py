@@ -408,7 +408,7 @@ def markdown(summaries: dict, ablation_table: str = "") -> str:
             "",
             f"![{setting}]({slug(setting)}.png)",
         ]
-        commands = {seed: c for seed, c in s.get("commands", {}).items() if c}
+        commands = {seed: c for seed, c in s["commands"].items() if c}
         if commands:
             seed, command = min(commands.items())
             lines += [
